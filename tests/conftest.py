@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny Stable Diffusion and SDXL pipelines, saved to disk once per session.
+
+Tests never download: the hub is switched off before anything imports huggingface_hub."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def pipeline_dirs(tmp_path_factory):
+    "Folders holding a tiny SD and a tiny SDXL pipeline written by `save_pretrained`."
+    from noiseopt.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+
+    root = tmp_path_factory.mktemp("pipelines")
+    dirs = {}
+    for kind, build in (("sd", tiny_sd_pipeline), ("sdxl", tiny_sdxl_pipeline)):
+        dirs[kind] = root / kind
+        build().save_pretrained(dirs[kind])
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def load(pipeline_dirs):
+    "Returns a function that loads a `DiffusersSampler` over a saved tiny pipeline."
+    from noiseopt.samplers import DiffusersSampler
+
+    def _load(kind="sd", **kwargs):
+        return DiffusersSampler.from_pretrained(pipeline_dirs[kind], device="cpu", **kwargs)
+
+    return _load

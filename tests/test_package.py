@@ -1,0 +1,48 @@
+"""The package imports lightly, installs its command and extras, and its CLI fails politely."""
+import importlib.metadata
+import subprocess
+import sys
+
+HEAVY = ("diffusers", "transformers", "open_clip", "openai")
+
+
+def run(*args, **kwargs):
+    return subprocess.run(args, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def test_import_leaves_heavy_libraries_unloaded():
+    code = ("import sys, noiseopt, noiseopt.core, noiseopt.samplers, noiseopt.testing, noiseopt.cli; "
+            f"print([m for m in {HEAVY!r} if m in sys.modules])")
+    out = run(sys.executable, "-c", code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+    # and they do load when a sampler needs them (the check above can see them)
+    out = run(sys.executable, "-c", "import sys; from noiseopt.testing import tiny_sd_pipeline; tiny_sd_pipeline(); "
+                                    "print('diffusers' in sys.modules, 'transformers' in sys.modules)")
+    assert out.stdout.strip() == "True True", out.stderr
+
+
+def test_cli_help_and_errors():
+    out = run("noiseopt", "--help")
+    assert out.returncode == 0 and "usage: noiseopt" in out.stdout and "info" in out.stdout
+    import noiseopt
+
+    out = run("noiseopt", "--version")
+    assert out.returncode == 0 and noiseopt.__version__ in out.stdout
+    out = run("noiseopt", "info", "--device", "cpu")
+    assert out.returncode == 0 and "default device   cpu" in out.stdout
+    out = run("noiseopt", "info", "--device", "tpu:9")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()]  # one line
+    assert out.stderr.startswith("noiseopt: error: unknown device 'tpu:9'") and "Traceback" not in out.stderr
+    out = run(sys.executable, "-m", "noiseopt.cli", "--help")
+    assert out.returncode == 0 and "usage: noiseopt" in out.stdout
+
+
+def test_extras_are_declared():
+    meta = importlib.metadata.metadata("noiseopt")
+    extras = set(meta.get_all("Provides-Extra"))
+    assert {"gpt", "dev", "all"} <= extras
+    requires = meta.get_all("Requires-Dist")
+    assert any(r.startswith("openai") and 'extra == "gpt"' in r for r in requires)
+    assert any(r.startswith("diffusers") and "extra" not in r for r in requires)
