@@ -13,6 +13,14 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def pytest_configure(config):
+    # third-party deprecations (numpy 2 `__array__` in diffusers' schedulers, hub arguments) are not ours to fix
+    for module in ("diffusers", "huggingface_hub", "transformers"):
+        config.addinivalue_line("filterwarnings", f"ignore::DeprecationWarning:{module}.*")
+        config.addinivalue_line("filterwarnings", f"ignore::FutureWarning:{module}.*")
+        config.addinivalue_line("filterwarnings", f"ignore::UserWarning:{module}.*")
+
+
 @pytest.fixture(scope="session")
 def pipeline_dirs(tmp_path_factory):
     "Folders holding a tiny SD and a tiny SDXL pipeline written by `save_pretrained`."

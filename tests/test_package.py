@@ -46,3 +46,28 @@ def test_extras_are_declared():
     requires = meta.get_all("Requires-Dist")
     assert any(r.startswith("openai") and 'extra == "gpt"' in r for r in requires)
     assert any(r.startswith("diffusers") and "extra" not in r for r in requires)
+
+
+def test_pre_commit_hook_refuses_modules_out_of_step(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if shutil.which("git") is None or not (root / ".git").exists():
+        import pytest
+        pytest.skip("needs a git checkout")
+    clone = tmp_path / "clone"
+    assert run("git", "clone", "-q", str(root), str(clone)).returncode == 0
+    git = lambda *a: run("git", "-C", str(clone), "-c", "user.name=t", "-c", "user.email=t@t", *a)  # noqa: E731
+    assert git("config", "core.hooksPath", ".ci/hooks").returncode == 0
+    module = clone / "noiseopt" / "core.py"
+    module.write_text(module.read_text() + "\nHAND_EDIT = 1\n")
+    git("add", "-A")
+    refused = git("commit", "-m", "edit a generated module by hand")
+    assert refused.returncode != 0 and "noiseopt/core.py" in refused.stderr
+    assert "HAND_EDIT" not in module.read_text()  # the hook re-exported the module from its notebook
+    # a change made in the notebook and exported is accepted
+    (clone / "tests" / "note.txt").write_text("not a notebook\n")
+    git("add", "-A")
+    accepted = git("commit", "-m", "an ordinary change")
+    assert accepted.returncode == 0, accepted.stderr
