@@ -15,7 +15,7 @@ from . import __version__
 from .core import NoiseoptError, get_device
 
 # %% auto #0
-__all__ = ['cmd_info', 'build_parser', 'main', 'entrypoint']
+__all__ = ['cmd_info', 'cmd_shapes_train', 'cmd_shapes_eval', 'cmd_search', 'cmd_bench', 'build_parser', 'main', 'entrypoint']
 
 # %% ../nbs/90_cli.ipynb #34475c7a
 _PACKAGES = ("torch", "diffusers", "transformers", "open_clip_torch", "accelerate", "openai")
@@ -41,6 +41,198 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 # %% ../nbs/90_cli.ipynb #d87557f9
+def cmd_shapes_train(args: argparse.Namespace) -> int:
+    "Trains the shapes models into `--out`; exits 0 when every part finished, 3 when the time limit stopped it."
+    import torch
+
+    from noiseopt.shapes_train import train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    done = train(args.out, minutes=args.minutes, seed=args.seed, parts=parts, model_steps=args.model_steps,
+                 clip_steps=args.clip_steps)
+    print("finished" if done else "stopped at the time limit: run the same command again to resume")
+    return 0 if done else 3
+
+
+def cmd_shapes_eval(args: argparse.Namespace) -> int:
+    "Evaluates the shapes models on shapes-eval and prints the report (and writes it as JSON with `--json`)."
+    import json
+
+    from noiseopt.shapes import SHAPES_EVAL, load
+    from noiseopt.shapes_train import evaluate, format_report
+
+    if args.samples < 1 or args.prompts < 1:
+        raise NoiseoptError("--samples and --prompts must be at least 1")
+    models = load(args.path)
+    report = evaluate(models, prompts=SHAPES_EVAL[: args.prompts], samples=args.samples, seed=args.seed,
+                      timing=not args.no_timing, log=lambda m: print(m, file=sys.stderr))
+    print(format_report(report))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+def _add_shapes(sub) -> None:
+    from noiseopt.shapes_train import DEFAULT_STEPS
+
+    shapes = sub.add_parser("shapes", help="the embedded shapes world: train and evaluate its tiny models",
+                            description="The embedded shapes world: train and evaluate its tiny models.")
+    ssub = shapes.add_subparsers(dest="shapes_command", metavar="COMMAND", required=True)
+    tr = ssub.add_parser("train", help="train the shapes model, CLIP and aesthetic head from scratch (resumable)",
+                         description="Train the shapes text-to-image model, its CLIP and its aesthetic head from "
+                                     "scratch on the CPU, logging to OUT/train.log; run again to resume.")
+    tr.add_argument("--out", required=True, help="folder for checkpoints, the log and the trained models")
+    tr.add_argument("--minutes", type=float, default=90.0, help="stop (resumably) after this many minutes (default 90)")
+    tr.add_argument("--seed", type=int, default=0, help="seed of the weights and of every training batch (default 0)")
+    tr.add_argument("--parts", default="model,clip", help="what to train: model, clip, or both (default model,clip)")
+    tr.add_argument("--model-steps", type=int, default=DEFAULT_STEPS["model"], help="training steps of the model")
+    tr.add_argument("--clip-steps", type=int, default=DEFAULT_STEPS["clip"], help="training steps of the CLIP and head")
+    tr.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    tr.set_defaults(func=cmd_shapes_train)
+    ev = ssub.add_parser("eval", help="evaluate the shapes models on the held-out shapes-eval prompts",
+                         description="Sample the held-out shapes-eval prompts from fixed seeds, score the samples with "
+                                     "the shapes CLIP and aesthetic verifiers, check them with the exact checker, and "
+                                     "print pass rates per construction, best-of-N by CLIP, AUCs and timings.")
+    ev.add_argument("--path", default=None, help="folder written by `noiseopt shapes train` (default: the shipped weights)")
+    ev.add_argument("--samples", type=int, default=8, help="samples per prompt (default 8)")
+    ev.add_argument("--prompts", type=int, default=200, help="how many of the 200 shapes-eval prompts (default all)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the samples (default 0)")
+    ev.add_argument("--json", default=None, help="also write the full report, every sample's scores, to this file")
+    ev.add_argument("--no-timing", action="store_true", help="skip the sampling-time measurement")
+    ev.set_defaults(func=cmd_shapes_eval)
+
+# %% ../nbs/90_cli.ipynb #de848684
+def _slug(text: str) -> str:
+    return "-".join("".join(ch if ch.isalnum() else " " for ch in text.lower()).split())[:60] or "prompt"
+
+
+def _floats(text: str | None, what: str) -> list[float] | None:
+    if not text:
+        return None
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise NoiseoptError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    "Runs a search and writes its images, plots and record into `--out`."
+    from pathlib import Path
+
+    from noiseopt.samplers import check_prompt
+    from noiseopt.search import ALGOS, search_noise
+
+    check_prompt(args.prompt)
+    if args.model == "shapes":
+        from noiseopt.shapes import parse
+
+        parse(args.prompt)  # the shapes model and its checker know only their grammar: say so before searching
+    if args.algo not in ALGOS:
+        raise NoiseoptError(f"unknown search algorithm {args.algo!r}: use one of {', '.join(ALGOS)}")
+    verifiers = [v for v in args.verifiers.split(",")] if args.verifiers else None
+    out = Path(args.out or Path("noiseopt_out") / f"{_slug(args.prompt)}-{args.algo}-seed{args.seed}")
+    kwargs = {k: getattr(args, k) for k in ("neighbors", "lam", "paths", "per_path", "start_step", "forward", "backward",
+                                             "split") if getattr(args, k) is not None}
+    result = search_noise(args.prompt, model=args.model, verifiers=verifiers, weights=_floats(args.weights, "--weights"),
+                          ensemble=args.ensemble, algo=args.algo, budget=args.budget, seed=args.seed, steps=args.steps,
+                          guidance=args.guidance, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                          scheduler=args.scheduler, out=out, progress=not args.quiet, **kwargs)
+    from noiseopt.viz import candidate_grid, plot_trajectory
+
+    candidate_grid(result).savefig(out / "grid.png", dpi=120)
+    plot_trajectory(result).savefig(out / "trajectory.png", dpi=120)
+    base, best = result.baseline, result.best
+    print(f"{result.algo} search: {result.nfe} of {result.settings['budget']} NFEs"
+          f"{f' (+{result.baseline_nfe} for the baseline)' if result.baseline_nfe else ''}, "
+          f"{len(result.candidates)} candidates, {result.wall_time:.1f} s")
+    print(f"{'verifier':<12}{'baseline':>10}{'best':>10}")
+    for name in best.scores:
+        print(f"{name:<12}{base.scores[name]:>10.4g}{best.scores[name]:>10.4g}")
+    if args.model == "shapes":
+        from noiseopt.shapes import check
+
+        verdict = lambda c: "pass" if check(c.image, result.prompt).passed else "fail"  # noqa: E731
+        print(f"{'checker':<12}{verdict(base):>10}{verdict(best):>10}")
+    print(f"wrote {out}/: best.png baseline.png grid.png trajectory.png result.json")
+    return 0
+
+
+def _add_search(sub) -> None:
+    p = sub.add_parser("search", help="search for a prompt's best initial noise (the main job)",
+                       description="Search for the initial noise whose image the verifiers like best, within a budget of "
+                                   "denoiser evaluations (NFEs), and write best.png, baseline.png, grid.png, "
+                                   "trajectory.png and result.json into --out. Rerun the same command to resume an "
+                                   "interrupted search.")
+    p.add_argument("prompt", help="the text prompt (for --model shapes, a caption of the shapes world)")
+    p.add_argument("--model", default="shapes", help="'shapes' (the embedded default), a hub id or a pipeline folder")
+    p.add_argument("--verifiers", default=None, help="comma-separated verifier names (default: clip,aesthetic on shapes, "
+                                                     "clip otherwise)")
+    p.add_argument("--weights", default=None, help="comma-separated ensemble weights, one per verifier (default equal)")
+    p.add_argument("--ensemble", default="rank", choices=("rank", "zscore", "raw"),
+                   help="how verifiers combine: mean rank in the pool (default), mean z-score, or weighted raw sum")
+    p.add_argument("--algo", default="random", help="random (best-of-N), zo (zero-order), paths, both, or steps "
+                                                    "(the more-denoising-steps baseline); default random")
+    p.add_argument("--budget", type=int, default=None, help="budget in NFEs (default: 8 samples, 8 x steps)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps of one sample (default: 25 on shapes, 30 else)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--scheduler", default=None, help="ddim, euler, euler_a, ... (default: the model's own)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the search: same seed, same result (default 0)")
+    p.add_argument("--batch-size", type=int, default=None, help="candidates denoised together (default: the model's)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default: cpu on shapes, auto else)")
+    p.add_argument("--dtype", default=None, help="auto, fp32, fp16 or bf16 (default auto: fp16 on GPUs)")
+    p.add_argument("--out", default=None, help="output folder (default noiseopt_out/PROMPT-ALGO-seedS)")
+    p.add_argument("--neighbors", type=int, default=None, help="zo: neighbours per round (default 4)")
+    p.add_argument("--lam", type=float, default=None, help="zo: cosine similarity of neighbours to the pivot (default 0.95)")
+    p.add_argument("--paths", type=int, default=None, help="paths: surviving paths N (default 2)")
+    p.add_argument("--per-path", type=int, default=None, help="paths: re-noised copies per path M (default 4)")
+    p.add_argument("--start-step", type=int, default=None, help="paths: step where paths start branching (default 0.4 K)")
+    p.add_argument("--forward", type=int, default=None, help="paths: steps re-noised back each round (default 0.12 K)")
+    p.add_argument("--backward", type=int, default=None, help="paths: steps denoised each round (default 0.2 K)")
+    p.add_argument("--split", type=float, default=None, help="both: zero-order share of the budget (default 0.5)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_search)
+
+# %% ../nbs/90_cli.ipynb #c1b7d600
+def cmd_bench(args: argparse.Namespace) -> int:
+    "Runs every algorithm on the first `--prompts` shapes-eval prompts (every `--stride`-th) at one budget; prints the table."
+    import json
+
+    from noiseopt.bench import compare, format_comparison
+    from noiseopt.search import ALGOS
+    from noiseopt.shapes import SHAPES_EVAL
+
+    algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+    unknown = [a for a in algos if a not in ALGOS]
+    if unknown or not algos:
+        raise NoiseoptError(f"unknown algorithm(s) {unknown}: use some of {', '.join(ALGOS)}")
+    if args.prompts < 1 or args.budget_samples < 1:
+        raise NoiseoptError("--prompts and --budget-samples must be at least 1")
+    prompts = list(SHAPES_EVAL[:: args.stride])[: args.prompts]
+    report = compare(prompts, algos, budget_samples=args.budget_samples, seed=args.seed,
+                     log=lambda m: print(m, file=sys.stderr))
+    print(format_comparison(report))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="compare the search algorithms at equal NFE budgets on shapes-eval prompts",
+                       description="Run each search algorithm on held-out shapes-eval prompts at the same NFE budget "
+                                   "and print mean baseline vs best verifier scores and checker accuracy.")
+    p.add_argument("--algos", default="random,zo,paths,both,steps", help="comma-separated algorithms (default all)")
+    p.add_argument("--prompts", type=int, default=16, help="how many prompts (default 16)")
+    p.add_argument("--stride", type=int, default=12, help="take every STRIDE-th shapes-eval prompt (default 12)")
+    p.add_argument("--budget-samples", type=int, default=8, help="budget in samples' worth of NFEs (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first prompt's search (default 0)")
+    p.add_argument("--json", default=None, help="also write every prompt's figures to this file")
+    p.set_defaults(func=cmd_bench)
+
+# %% ../nbs/90_cli.ipynb #bbaf8075
 def build_parser() -> argparse.ArgumentParser:
     "Returns the parser of the `noiseopt` command and its subcommands."
     parser = argparse.ArgumentParser(
@@ -53,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Show versions of noiseopt and its libraries, and the device it would use.")
     info.add_argument("--device", default="auto", help="device to report on (default: auto: cuda, then mps, then cpu)")
     info.set_defaults(func=cmd_info)
+    _add_search(sub)
+    _add_bench(sub)
+    _add_shapes(sub)
     return parser
 
 

@@ -197,6 +197,9 @@ class DiffusersSampler:
         if class_name not in _PIPELINES:
             raise UnsupportedModelError(f"{source!r} is a {class_name}; DiffusersSampler drives {', '.join(_PIPELINES)}")
         extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in config else {}
+        # components saved as absent (e.g. no VAE for a pixel-space model) must be passed as None explicitly
+        extra.update({k: None for k, v in config.items()
+                      if not k.startswith("_") and isinstance(v, (list, tuple)) and len(v) == 2 and v[0] is None})
         try:
             pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, variant=variant, **extra)
         except Exception as e:
@@ -204,6 +207,12 @@ class DiffusersSampler:
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, **kwargs)
+
+    def with_num_steps(self, num_steps: int) -> "DiffusersSampler":
+        "Returns a sampler over the same pipeline and settings with a schedule of `num_steps` steps (its own NFE count)."
+        return DiffusersSampler(self.pipe, num_steps=num_steps, guidance_scale=self.guidance_scale, height=self.height,
+                                width=self.width, negative_prompt=self.negative_prompt, batch_size=self.batch_size,
+                                scheduler=self.scheduler, guidance_rescale=self.guidance_rescale)
 
     def __repr__(self) -> str:
         return (f"DiffusersSampler({type(self.pipe).__name__}, scheduler={type(self.scheduler).__name__}, "

