@@ -96,15 +96,19 @@ class Search:
         return [{name: float(cols[name][i]) for name in self.ensemble.names} for i in range(len(images))]
 
     def record(self, run: SearchRun, seeds, step: int, images: torch.Tensor, parents=None, latents=None,
-               full: bool = True, **info) -> list[int]:
-        "Scores images, records them as candidates (pool utilities computed together) and returns their indices."
+               full: bool = True, cost_each: int = 0, **info) -> list[int]:
+        """Scores images, records them as candidates (pool utilities computed together) and returns their indices.
+
+        The batch was charged before it ran; candidate `i` is recorded as made once the NFEs of the
+        candidates before it and its own (`cost_each` apiece) were spent, so trajectories are per candidate."""
         scores = self.score(run, images)
         util = self.ensemble.utility(scores)
         first = len(run.result.candidates)
+        n = len(scores)
         for i, sc in enumerate(scores):
             run.result.candidates.append(Candidate(
                 seeds=[int(s) for s in seeds[i]], step=step, parent=None if parents is None else parents[i], scores=sc,
-                utility=float(util[i]), nfe=run.budget.spent, info={"pool_utility": float(util[i]), "full": full, **info},
+                utility=float(util[i]), nfe=run.budget.spent - (n - 1 - i) * cost_each, info={"pool_utility": float(util[i]), "full": full, **info},
                 image=images[i].detach().cpu(), latent=None if latents is None else latents[i].detach().cpu()))
         return list(range(first, first + len(scores)))
 
@@ -128,7 +132,8 @@ class Search:
             latents = self.sampler.denoise(x, run.cond, seeds=[seed])
             images = self.sampler.decode(latents)
             run.result.baseline_nfe += self.steps
-        idx = self.record(run, [[seed]], self.steps, images, latents=latents, baseline_only=not counted)[0]
+        idx = self.record(run, [[seed]], self.steps, images, latents=latents, baseline_only=not counted,
+                          cost_each=self.steps if counted else 0)[0]
         run.result.baseline_index = idx
         return x
 
@@ -250,7 +255,7 @@ class RandomSearch(Search):
         n = min(self.batch_size, state["left"])
         seeds = run.next_seeds(n)
         latents, images = self.sample_full(run, self.sampler.noise(seeds), [[s] for s in seeds])
-        self.record(run, [[s] for s in seeds], self.steps, images, latents=latents)
+        self.record(run, [[s] for s in seeds], self.steps, images, latents=latents, cost_each=self.steps)
         run.result.baseline_index = 0
         left = state["left"] - n
         return {"left": left} if left > 0 else None
@@ -301,7 +306,7 @@ class ZeroOrderSearch(Search):
         ys = neighbor(px.expand(m, *px.shape[1:]), self.sampler.noise(w_seeds), self.lam)
         chains = [run.result.candidates[pivot].seeds + [s] for s in w_seeds]
         latents, images = self.sample_full(run, ys, chains)
-        new = self.record(run, chains, K, images, parents=[pivot] * m, latents=latents, round=run.rounds)
+        new = self.record(run, chains, K, images, parents=[pivot] * m, latents=latents, cost_each=K, round=run.rounds)
         util = self.ensemble.utility([run.result.candidates[i].scores for i in [pivot] + new])
         best = int(torch.argmax(util[1:])) + 1
         if util[best] > util[0]:
@@ -310,7 +315,7 @@ class ZeroOrderSearch(Search):
             seed = run.next_seeds(1)[0]
             x = self.sampler.noise([seed])
             latents, images = self.sample_full(run, x, [[seed]])
-            idx = self.record(run, [[seed]], K, images, latents=latents, restart=True, round=run.rounds)[0]
+            idx = self.record(run, [[seed]], K, images, latents=latents, cost_each=K, restart=True, round=run.rounds)[0]
             state = {"pivot": idx, "x": x}
         return state if run.can_afford(K) else None
 
@@ -370,7 +375,8 @@ class PathSearch(Search):
         if not run.can_afford(cost + N * (K - j)):  # no room for another round: finish the survivors
             run.charge(N * (K - i))
             latents = self._batched(lambda xb, sb: self.sampler.denoise(xb, run.cond, i, seeds=sb), x, chains)
-            self.record(run, chains, K, self.sampler.decode(latents), parents=parents, latents=latents, finished=True)
+            self.record(run, chains, K, self.sampler.decode(latents), parents=parents, latents=latents,
+                        cost_each=K - i, finished=True)
             return None
         run.charge(cost)
         r_seeds = run.next_seeds(N * M)
@@ -384,7 +390,7 @@ class PathSearch(Search):
         else:
             images = self.sampler.decode(moved)
         idx = self.record(run, new_chains, j, images, parents=[parents[k // M] for k in range(N * M)],
-                          latents=moved if j == K else None, full=j == K, round=run.rounds)
+                          latents=moved if j == K else None, full=j == K, cost_each=cost // (N * M), round=run.rounds)
         if j == K:
             return None
         util = self.ensemble.utility([run.result.candidates[k].scores for k in idx])

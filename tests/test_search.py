@@ -212,3 +212,14 @@ def test_resume_after_sigkill(tmp_path):
     a = json.loads((tmp_path / "full" / "result.json").read_text())
     b = json.loads((killed_dir / "result.json").read_text())
     assert a["candidates"] == b["candidates"] and a["best_index"] == b["best_index"]
+
+
+def test_candidates_record_the_nfes_spent_when_made(sampler):
+    res = RandomSearch(sampler, Ensemble(Bright()), batch_size=4).run("a cat", 60, seed=1)
+    assert [c.nfe for c in res.candidates] == [10, 20, 30, 40, 50, 60]  # one sample each, in batches of 4
+    from noiseopt.viz import trajectory
+
+    points = trajectory(res)
+    assert [n for n, _ in points] == [10, 20, 30, 40, 50, 60]
+    utils = [res.candidates[b].utility for _, b in points]
+    assert utils == sorted(utils) and points[-1][1] == res.best_index
