@@ -9,7 +9,7 @@ import argparse
 import importlib.metadata
 import platform
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
 from . import __version__
 from .core import NoiseoptError, get_device
@@ -41,6 +41,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 # %% ../nbs/90_cli.ipynb #d87557f9
+def _write_json(path: str | None, report: dict) -> None:
+    "Writes a command's full report as JSON to `path`, when one was given."
+    if path:
+        import json
+
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+
+
 def cmd_shapes_train(args: argparse.Namespace) -> int:
     "Trains the shapes models into `--out`; exits 0 when every part finished, 3 when the time limit stopped it."
     import torch
@@ -58,8 +67,6 @@ def cmd_shapes_train(args: argparse.Namespace) -> int:
 
 def cmd_shapes_eval(args: argparse.Namespace) -> int:
     "Evaluates the shapes models on shapes-eval and prints the report (and writes it as JSON with `--json`)."
-    import json
-
     from noiseopt.shapes import SHAPES_EVAL, load
     from noiseopt.shapes_train import evaluate, format_report
 
@@ -69,9 +76,7 @@ def cmd_shapes_eval(args: argparse.Namespace) -> int:
     report = evaluate(models, prompts=SHAPES_EVAL[: args.prompts], samples=args.samples, seed=args.seed,
                       timing=not args.no_timing, log=lambda m: print(m, file=sys.stderr))
     print(format_report(report))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
+    _write_json(args.json, report)
     return 0
 
 
@@ -198,8 +203,6 @@ def _add_search(sub) -> None:
 # %% ../nbs/90_cli.ipynb #c1b7d600
 def cmd_bench(args: argparse.Namespace) -> int:
     "Runs every algorithm on the first `--prompts` shapes-eval prompts (every `--stride`-th) at one budget; prints the table."
-    import json
-
     from noiseopt.bench import compare, format_comparison
     from noiseopt.search import ALGOS
     from noiseopt.shapes import SHAPES_EVAL
@@ -214,9 +217,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = compare(prompts, algos, budget_samples=args.budget_samples, seed=args.seed,
                      log=lambda m: print(m, file=sys.stderr))
     print(format_comparison(report))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
+    _write_json(args.json, report)
     return 0
 
 

@@ -18,7 +18,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 import torch
 
 from .core import (ConfigError, ModelNotFoundError, PromptError, SchedulerError, UnsupportedModelError,
-                           generators_from_seeds, get_device, get_dtype, noise_from_seeds, randn)
+                           get_device, get_dtype, noise_from_seeds, randn)
 
 # %% auto #0
 __all__ = ['SCHEDULERS', 'RESTARTABLE', 'Sampler', 'make_scheduler', 'Conditioning', 'check_prompt', 'DiffusersSampler']

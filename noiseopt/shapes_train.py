@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .core import ConfigError
-from .shapes import COLORS, POSITIONS, RELATIONS, SHAPES, TRAIN_SPECS, caption, perturb, random_spec, render, scenes
+from .shapes import COLORS, SHAPES, caption, perturb, render, scenes
 
 # %% auto #0
 __all__ = ['SPECIALS', 'WORDS', 'MAX_TOKENS', 'DEGRADATIONS', 'DEFAULT_STEPS', 'shapes_tokenizer', 'text_config', 'build_unet',
@@ -194,7 +194,7 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _loop(name: str, out: Path, modules: dict, loss_fn: Callable, steps: int, lr: float, seed: int, minutes: float,
+def _loop(name: str, out: Path, modules: dict, loss_fn: Callable, steps: int, lr: float, seed: int,
           log: _Log, deadline: float, every: int = 250, ema_decay: float = 0.999) -> dict | None:
     """Trains `modules` on `loss_fn(step) -> loss` up to `steps`; returns EMA state dicts when done, None if stopped early."""
     params = [p for m in modules.values() for p in m.parameters()]
@@ -271,7 +271,7 @@ def train_model(out: Path, steps: int, seed: int, deadline: float, log: _Log, ba
         cond = text(_tokens(tokenizer, texts))[0]
         return F.mse_loss(unet(noisy, t, encoder_hidden_states=cond).sample, noise)
 
-    ema = _loop("model", out, {"unet": unet, "text": text}, loss_fn, steps, lr, seed, 0, log, deadline)
+    ema = _loop("model", out, {"unet": unet, "text": text}, loss_fn, steps, lr, seed, log, deadline)
     if ema is None:
         return False
     unet.load_state_dict(ema["unet"])
@@ -312,7 +312,7 @@ def train_clip(out: Path, steps: int, seed: int, deadline: float, log: _Log, bat
         aesthetic = F.mse_loss(head(img), quality) / 10
         return contrastive + quality_weight * aesthetic
 
-    ema = _loop("clip", out, {"clip": clip, "head": head}, loss_fn, steps, lr, seed, 0, log, deadline)
+    ema = _loop("clip", out, {"clip": clip, "head": head}, loss_fn, steps, lr, seed, log, deadline)
     if ema is None:
         return False
     clip.load_state_dict(ema["clip"])
@@ -399,8 +399,6 @@ def evaluate(models=None, prompts=None, samples: int = 8, seed: int = 0, timing:
                                   for c in CONSTRUCTIONS if any(r["construction"] == c for r in rows)}}
     # the aesthetic head: clean renders above degraded ones, and agreement with the checker on samples
     rng = np.random.default_rng([seed, 7])
-    from noiseopt.shapes import render
-
     clean = torch.stack([torch.from_numpy(render(EVAL_SPECS[i % len(EVAL_SPECS)], rng)).permute(2, 0, 1).float() / 255
                          for i in range(400)])
     degraded, _ = degrade(clean, rng, p_clean=0.0)

@@ -1,7 +1,6 @@
 """The shapes world: its generator and grammar, the exact checker, the shipped models, and training."""
 import copy
 import subprocess
-import sys
 
 import numpy as np
 import pytest
