@@ -13,35 +13,47 @@ import numpy as np
 from .ensemble import Ensemble
 
 # %% auto #0
-__all__ = ['compare', 'format_comparison']
+__all__ = ['SWEEP_GRID', 'VIT_L14', 'VIT_H14', 'compare', 'format_comparison', 'sweep', 'format_sweep', 'random_verifier',
+           'verifier_speed', 'format_speed']
 
 # %% ../nbs/08_bench.ipynb #2b7a3abb
+def _bench_rows(sampler, ens, check, algo: str, prompts: Sequence[str], budget: int, seed: int, **search_kwargs) -> list[dict]:
+    from noiseopt.search import make_search
+
+    rows = []
+    for k, prompt in enumerate(prompts):
+        res = make_search(algo, sampler, ens, **search_kwargs).run(prompt, budget, seed=seed + k)
+        base, best = res.baseline, res.best
+        pair = ens.utility([base.scores, best.scores]).tolist()
+        row = {"prompt": prompt, "nfe": res.nfe, "baseline": base.scores, "best": best.scores,
+               "pair_utility_gain": pair[1] - pair[0]}
+        if check is not None:
+            row["baseline_pass"] = bool(check(base.image, prompt).passed)
+            row["best_pass"] = bool(check(best.image, prompt).passed)
+        rows.append(row)
+    return rows
+
+
+def _setup(model: str, verifiers, ensemble: str):
+    from noiseopt.search import load_model_and_verifiers
+
+    sampler, vs = load_model_and_verifiers(model, verifiers)
+    check = None
+    if model == "shapes":
+        from noiseopt.shapes import check
+    return sampler, Ensemble(vs, method=ensemble), check
+
+
 def compare(prompts: Sequence[str], algos: Sequence[str] = ("random", "zo", "paths", "both", "steps"),
             budget_samples: int = 8, seed: int = 0, model: str = "shapes", verifiers: Sequence[str] | None = None,
             ensemble: str = "rank", log=print, **search_kwargs) -> dict:
     "Returns per-algorithm means over `prompts` of baseline and best verifier scores (and checker accuracy on shapes)."
-    from noiseopt.search import load_model_and_verifiers, make_search
-
-    sampler, vs = load_model_and_verifiers(model, verifiers)
-    ens = Ensemble(vs, method=ensemble)
+    sampler, ens, check = _setup(model, verifiers, ensemble)
     budget = budget_samples * sampler.num_steps
-    check = None
-    if model == "shapes":
-        from noiseopt.shapes import check
     report = {"budget": budget, "prompts": list(prompts), "seed": seed, "algos": {}}
     for algo in algos:
-        rows = []
         t0 = time.perf_counter()
-        for k, prompt in enumerate(prompts):
-            res = make_search(algo, sampler, ens, **search_kwargs).run(prompt, budget, seed=seed + k)
-            base, best = res.baseline, res.best
-            pair = ens.utility([base.scores, best.scores]).tolist()
-            row = {"prompt": prompt, "nfe": res.nfe, "baseline": base.scores, "best": best.scores,
-                   "pair_utility_gain": pair[1] - pair[0]}
-            if check is not None:
-                row["baseline_pass"] = bool(check(base.image, prompt).passed)
-                row["best_pass"] = bool(check(best.image, prompt).passed)
-            rows.append(row)
+        rows = _bench_rows(sampler, ens, check, algo, prompts, budget, seed, **search_kwargs)
         report["algos"][algo] = {"rows": rows, "seconds": time.perf_counter() - t0}
         if log:
             log(f"bench: {algo} done in {time.perf_counter() - t0:.0f}s")
@@ -67,4 +79,146 @@ def format_comparison(report: dict) -> str:
             cells.append(f"{np.mean([r['baseline'][n] for r in rows]):.3f} -> {np.mean([r['best'][n] for r in rows]):.3f}")
         cells.append(f"{100 * np.mean([r['pair_utility_gain'] > 0 for r in rows]):.0f}%")
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+# %% ../nbs/08_bench.ipynb #8c96cecb
+SWEEP_GRID: dict[str, list[dict]] = {
+    "zo": [dict(lam=lam, neighbors=n) for lam in (0.95, 0.8, 0.65, 0.5) for n in (4, 7)],
+    "paths": [dict(paths=2, per_path=4, start=0.4, forward=0.12, backward=0.2),
+              dict(paths=2, per_path=3, start=0.6, forward=0.4, backward=0.48),
+              dict(paths=1, per_path=3, start=0.88, forward=0.78, backward=0.81),
+              dict(paths=2, per_path=2, start=0.88, forward=0.78, backward=0.81)],
+    "both": [dict(split=split) for split in (0.25, 0.5, 0.75)],
+}
+
+
+def _steps_kwargs(cfg: dict, K: int) -> dict:
+    "Turns a grid entry's path fractions of the schedule into the searches' step arguments."
+    out = {k: v for k, v in cfg.items() if k not in ("start", "forward", "backward")}
+    if "start" in cfg:
+        out["start_step"] = max(1, min(K - 1, round(cfg["start"] * K)))
+        out["forward"] = max(1, min(out["start_step"], round(cfg["forward"] * K)))
+        out["backward"] = max(out["forward"] + 1, round(cfg["backward"] * K))
+    return out
+
+
+def sweep(prompts: Sequence[str], grid: dict[str, list[dict]] | None = None, budget_samples: int = 8, seed: int = 0,
+          model: str = "shapes", verifiers: Sequence[str] | None = None, ensemble: str = "rank", log=print) -> dict:
+    "Returns, for every configuration of `grid` (default `SWEEP_GRID`), the comparison's figures on `prompts`."
+    sampler, ens, check = _setup(model, verifiers, ensemble)
+    budget, K = budget_samples * sampler.num_steps, sampler.num_steps
+    report = {"budget": budget, "prompts": list(prompts), "seed": seed, "runs": []}
+    for algo, configs in (grid or SWEEP_GRID).items():
+        for cfg in configs:
+            t0 = time.perf_counter()
+            kwargs = _steps_kwargs(cfg, K)
+            rows = _bench_rows(sampler, ens, check, algo, prompts, budget, seed, **kwargs)
+            report["runs"].append({"algo": algo, "config": cfg, "kwargs": kwargs, "rows": rows,
+                                   "seconds": time.perf_counter() - t0})
+            if log:
+                log(f"sweep: {algo} {kwargs} done in {time.perf_counter() - t0:.0f}s")
+    return report
+
+
+def format_sweep(report: dict) -> str:
+    "Returns the sweep as a markdown table, one row per configuration."
+    has_check = "best_pass" in report["runs"][0]["rows"][0]
+    head = ["algo", "settings", "NFEs"] + (["checker: baseline -> best"] if has_check else [])
+    head += ["utility gain (pair)", "best beats baseline"]
+    lines = [f"{len(report['prompts'])} prompts, budget {report['budget']} NFEs each, seeds from {report['seed']}", "",
+             "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for run in report["runs"]:
+        rows = run["rows"]
+        cells = [run["algo"], ", ".join(f"{k}={v}" for k, v in run["kwargs"].items()),
+                 f"{np.mean([r['nfe'] for r in rows]):.0f}"]
+        if has_check:
+            cells.append(f"{100 * np.mean([r['baseline_pass'] for r in rows]):.0f}% -> "
+                         f"{100 * np.mean([r['best_pass'] for r in rows]):.0f}%")
+        gain = np.array([r["pair_utility_gain"] for r in rows])
+        cells += [f"{gain.mean():+.3f} +- {gain.std(ddof=1) / np.sqrt(len(gain)) if len(gain) > 1 else 0:.3f}",
+                  f"{100 * np.mean(gain > 0):.0f}%"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+# %% ../nbs/08_bench.ipynb #f36f8066
+def _clip_config(vision: dict, text: dict, projection: int):
+    from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+
+    return CLIPConfig(text_config=CLIPTextConfig(**text, projection_dim=projection).to_dict(),
+                      vision_config=CLIPVisionConfig(**vision, projection_dim=projection).to_dict(),
+                      projection_dim=projection)
+
+
+VIT_L14 = (dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
+                patch_size=14),
+           dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12), 768)
+VIT_H14 = (dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, image_size=224,
+                patch_size=14, hidden_act="gelu"),
+           dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, hidden_act="gelu"),
+           1024)
+
+
+def random_verifier(name: str):
+    "Returns the real-size verifier `name` with random weights and an offline tokenizer: for benchmarks only."
+    import torch
+    from transformers import BertTokenizerFast, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel, CLIPModel
+
+    from noiseopt.testing import clip_tokenizer
+    from noiseopt.verifiers import (IMAGEREWARD_TEXT, IMAGEREWARD_VISION, AestheticHead, AestheticScore, CLIPScore,
+                                    HFCLIPEncoder, HPSv2, ImageReward, ImageRewardModel, OpenCLIPEncoder, PickScore)
+
+    torch.manual_seed(0)
+    if name in ("clip", "aesthetic", "pickscore"):
+        model = CLIPModel(_clip_config(*(VIT_H14 if name == "pickscore" else VIT_L14))).eval()
+        enc = HFCLIPEncoder(model, clip_tokenizer())
+        return {"clip": lambda: CLIPScore(enc), "pickscore": lambda: PickScore(enc),
+                "aesthetic": lambda: AestheticScore(enc, AestheticHead(768))}[name]()
+    if name == "hps":
+        import open_clip
+
+        model = open_clip.create_model("ViT-H-14", pretrained=None)
+        return HPSv2(OpenCLIPEncoder(model, open_clip.get_tokenizer("ViT-H-14"), mode="pad"))
+    if name == "imagereward":
+        vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])}
+        vocab.update({f"w{i}": len(vocab) + i for i in range(30522 - len(vocab))})
+        text = BlipTextModel(BlipTextConfig(**IMAGEREWARD_TEXT, is_decoder=True, bos_token_id=None, sep_token_id=None),
+                             add_pooling_layer=False)
+        model = ImageRewardModel(BlipVisionModel(BlipVisionConfig(**IMAGEREWARD_VISION)), text, AestheticHead(768))
+        return ImageReward(model, BertTokenizerFast(vocab=vocab))
+    raise ValueError(f"no random verifier {name!r}")
+
+
+def verifier_speed(names: Sequence[str] = ("clip", "aesthetic", "imagereward", "pickscore", "hps"), n_images: int = 4,
+                   size: int = 1024, reps: int = 2, log=print) -> dict:
+    "Returns seconds per image of each verifier's `score` on `n_images` `size` x `size` images, and ratios to the first."
+    import gc
+
+    import torch
+
+    images = torch.rand(n_images, 3, size, size, generator=torch.Generator().manual_seed(0))
+    prompts = ["a photo of an astronaut riding a horse on the moon"] * n_images
+    out = {"images": n_images, "size": size, "threads": torch.get_num_threads(), "seconds_per_image": {}}
+    for name in names:
+        v = random_verifier(name)
+        v.score(images[:1], prompts[:1])  # warm-up
+        t = time.perf_counter()
+        for _ in range(reps):
+            v.score(images, prompts)
+        out["seconds_per_image"][name] = (time.perf_counter() - t) / (reps * n_images)
+        if log:
+            log(f"bench-verifiers: {name} {out['seconds_per_image'][name]:.3f} s/image")
+        del v
+        gc.collect()
+    first = out["seconds_per_image"][names[0]]
+    out["ratio_to_first"] = {n: s / first for n, s in out["seconds_per_image"].items()}
+    return out
+
+
+def format_speed(report: dict) -> str:
+    "Returns the verifier timings as a markdown table."
+    first = next(iter(report["seconds_per_image"]))
+    lines = [f"verifier cost, random weights at real size, {report['images']} images of {report['size']} px, "
+             f"{report['threads']} threads", "", f"| verifier | s / image | x {first} |", "| --- | --- | --- |"]
+    for n, s in report["seconds_per_image"].items():
+        lines.append(f"| {n} | {s:.3f} | {report['ratio_to_first'][n]:.2f} |")
     return "\n".join(lines)

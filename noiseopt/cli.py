@@ -15,7 +15,8 @@ from . import __version__
 from .core import NoiseoptError, get_device
 
 # %% auto #0
-__all__ = ['cmd_info', 'cmd_shapes_train', 'cmd_shapes_eval', 'cmd_search', 'cmd_bench', 'build_parser', 'main', 'entrypoint']
+__all__ = ['cmd_info', 'cmd_shapes_train', 'cmd_shapes_eval', 'cmd_search', 'cmd_bench', 'cmd_sweep', 'cmd_bench_verifiers',
+           'build_parser', 'main', 'entrypoint']
 
 # %% ../nbs/90_cli.ipynb #34475c7a
 _PACKAGES = ("torch", "diffusers", "transformers", "open_clip_torch", "accelerate", "openai")
@@ -234,6 +235,68 @@ def _add_bench(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
 # %% ../nbs/90_cli.ipynb #bbaf8075
+def cmd_sweep(args: argparse.Namespace) -> int:
+    "Runs the defaults sweep of `--algos` on `--prompts` shapes-eval prompts and prints one row per configuration."
+    from noiseopt.bench import SWEEP_GRID, format_sweep, sweep
+    from noiseopt.shapes import SHAPES_EVAL
+
+    algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+    unknown = [a for a in algos if a not in SWEEP_GRID]
+    if unknown or not algos:
+        raise NoiseoptError(f"no sweep for algorithm(s) {unknown}: use some of {', '.join(SWEEP_GRID)}")
+    if args.prompts < 1 or args.budget_samples < 1:
+        raise NoiseoptError("--prompts and --budget-samples must be at least 1")
+    prompts = list(SHAPES_EVAL[args.offset :: args.stride])[: args.prompts]
+    report = sweep(prompts, {a: SWEEP_GRID[a] for a in algos}, budget_samples=args.budget_samples, seed=args.seed,
+                   log=lambda m: print(m, file=sys.stderr))
+    print(format_sweep(report))
+    _write_json(args.json, report)
+    return 0
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="the measured sweep behind the searches' default settings",
+                       description="Run every configuration of the defaults grid (zero-order lam and neighbours, path "
+                                   "schedules, the split of 'both') on held-out shapes-eval prompts at one budget and "
+                                   "print checker accuracy and utility gains per configuration.")
+    p.add_argument("--algos", default="zo,paths,both", help="comma-separated algorithms to sweep (default zo,paths,both)")
+    p.add_argument("--prompts", type=int, default=16, help="how many prompts (default 16)")
+    p.add_argument("--offset", type=int, default=6, help="first shapes-eval prompt (default 6: disjoint from bench's)")
+    p.add_argument("--stride", type=int, default=12, help="take every STRIDE-th shapes-eval prompt (default 12)")
+    p.add_argument("--budget-samples", type=int, default=8, help="budget in samples' worth of NFEs (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first prompt's search (default 0)")
+    p.add_argument("--json", default=None, help="also write every prompt's figures to this file")
+    p.set_defaults(func=cmd_sweep)
+
+# %% ../nbs/90_cli.ipynb #d008df67
+def cmd_bench_verifiers(args: argparse.Namespace) -> int:
+    "Times every named verifier at real size with random weights and prints seconds per image."
+    from noiseopt.bench import format_speed, verifier_speed
+
+    names = [n.strip() for n in args.verifiers.split(",") if n.strip()]
+    known = ("clip", "aesthetic", "imagereward", "pickscore", "hps")
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise NoiseoptError(f"cannot time verifier(s) {unknown}: use some of {', '.join(known)}")
+    if args.images < 1 or args.size < 16:
+        raise NoiseoptError("--images must be at least 1 and --size at least 16")
+    report = verifier_speed(names, n_images=args.images, size=args.size, log=lambda m: print(m, file=sys.stderr))
+    print(format_speed(report))
+    _write_json(args.json, report)
+    return 0
+
+
+def _add_bench_verifiers(sub) -> None:
+    p = sub.add_parser("bench-verifiers", help="time each real verifier per image (real size, random weights)",
+                       description="Build each real verifier at its real size with random weights (no download) and "
+                                   "time its score on the same images, in one process.")
+    p.add_argument("--verifiers", default="clip,aesthetic,imagereward,pickscore,hps", help="comma-separated names")
+    p.add_argument("--images", type=int, default=4, help="images per call (default 4)")
+    p.add_argument("--size", type=int, default=1024, help="image side in pixels (default 1024, SDXL's)")
+    p.add_argument("--json", default=None, help="also write the timings to this file")
+    p.set_defaults(func=cmd_bench_verifiers)
+
+# %% ../nbs/90_cli.ipynb #c65c37f2
 def build_parser() -> argparse.ArgumentParser:
     "Returns the parser of the `noiseopt` command and its subcommands."
     parser = argparse.ArgumentParser(
@@ -248,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
     _add_search(sub)
     _add_bench(sub)
+    _add_sweep(sub)
+    _add_bench_verifiers(sub)
     _add_shapes(sub)
     return parser
 

@@ -506,9 +506,13 @@ def load_model_and_verifiers(model: str = "shapes", verifiers: Sequence[str] | N
         return world.sampler, load_verifiers(verifiers or ["clip", "aesthetic"], world=world, device=device)
     from noiseopt.samplers import DiffusersSampler
 
+    vs = load_verifiers(verifiers or ["clip"], device=device)
+    for v in vs:  # load every verifier before any NFE is spent: a missing checkpoint fails first
+        if hasattr(v, "load"):
+            v.load()
     sampler = DiffusersSampler.from_pretrained(model, device=device, dtype=dtype, num_steps=steps or 30,
                                                guidance_scale=guidance, batch_size=batch_size or 4, scheduler=scheduler)
-    return sampler, load_verifiers(verifiers or ["clip"], device=device)
+    return sampler, vs
 
 
 def search_noise(prompt: str, model: str = "shapes", verifiers: Sequence[str] | None = None,

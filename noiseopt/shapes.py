@@ -199,10 +199,13 @@ def random_spec(rng: np.random.Generator, specs: Sequence[Spec] = TRAIN_SPECS, w
     return pool[rng.integers(len(pool))]
 
 
-def scenes(n: int, seed: int, specs: Sequence[Spec] = TRAIN_SPECS) -> tuple[torch.Tensor, list[str], list[Spec]]:
-    "Returns `n` seeded scenes as a `[0, 1]` float tensor `n x 3 x 32 x 32`, their captions and their specs."
+def scenes(n: int, seed: int, specs: Sequence[Spec] = TRAIN_SPECS, weights: dict[str, float] | None = None
+           ) -> tuple[torch.Tensor, list[str], list[Spec]]:
+    """Returns `n` seeded scenes as a `[0, 1]` float tensor `n x 3 x 32 x 32`, their captions and their specs.
+
+    Constructions are equally likely unless `weights` (by construction) say otherwise."""
     rng = np.random.default_rng(seed)
-    chosen = [random_spec(rng, specs) for _ in range(n)]
+    chosen = [random_spec(rng, specs, weights) for _ in range(n)]
     images = np.stack([render(s, rng) for s in chosen])
     texts = [caption(s, short_relation=bool(rng.integers(2))) for s in chosen]
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, texts, chosen
@@ -442,7 +445,7 @@ def load(path: str | Path | None = None, num_steps: int = 25, guidance_scale: fl
             sampler = DiffusersSampler.from_pretrained(root / "model", device=device, dtype="float32",
                                                        num_steps=num_steps, guidance_scale=guidance_scale,
                                                        batch_size=batch_size)
-            clip = CLIPScore.from_pretrained(root / "clip", device=device, batch_size=64)
+            clip = CLIPScore.from_pretrained(root / "clip", device=device, batch_size=64, pil=False, lazy=False)
     finally:
         if bars[0]:
             dlog.enable_progress_bar()

@@ -20,9 +20,10 @@ from .core import ConfigError
 from .shapes import COLORS, SHAPES, caption, perturb, render, scenes
 
 # %% auto #0
-__all__ = ['SPECIALS', 'WORDS', 'MAX_TOKENS', 'DEGRADATIONS', 'DEFAULT_STEPS', 'shapes_tokenizer', 'text_config', 'build_unet',
-           'build_text_encoder', 'build_clip', 'noise_schedule_config', 'sampling_scheduler', 'degrade', 'train_model',
-           'train_clip', 'train', 'sample_prompt', 'evaluate', 'format_report', 'verdict_grid']
+__all__ = ['SPECIALS', 'WORDS', 'MAX_TOKENS', 'DEGRADATIONS', 'RESTART_AT', 'PHASE2_WEIGHTS', 'DEFAULT_STEPS', 'shapes_tokenizer',
+           'text_config', 'build_unet', 'build_text_encoder', 'build_clip', 'noise_schedule_config',
+           'sampling_scheduler', 'degrade', 'model_lr', 'train_model', 'train_clip', 'train', 'sample_prompt',
+           'evaluate', 'format_report', 'verdict_grid']
 
 # %% ../nbs/04_shapes_train.ipynb #0286e354
 SPECIALS = ["[PAD]", "[UNK]", "<bos>", "<eos>"]
@@ -194,11 +195,12 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _loop(name: str, out: Path, modules: dict, loss_fn: Callable, steps: int, lr: float, seed: int,
+def _loop(name: str, out: Path, modules: dict, loss_fn: Callable, steps: int, lr_at: Callable[[int], float], seed: int,
           log: _Log, deadline: float, every: int = 250, ema_decay: float = 0.999) -> dict | None:
-    """Trains `modules` on `loss_fn(step) -> loss` up to `steps`; returns EMA state dicts when done, None if stopped early."""
+    """Trains `modules` on `loss_fn(step) -> loss` up to `steps` at learning rate `lr_at(step)`; returns EMA state dicts
+    when done, None if stopped early."""
     params = [p for m in modules.values() for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=lr_at(0), weight_decay=0.01)
     ema = {k: {n: t.detach().clone() for n, t in m.state_dict().items()} for k, m in modules.items()}
     ckpt = out / f"{name}.ckpt"
     start = 0
@@ -216,7 +218,7 @@ def _loop(name: str, out: Path, modules: dict, loss_fn: Callable, steps: int, lr
     step = start
     while step < steps:
         for g in opt.param_groups:
-            g["lr"] = _lr(step, steps, lr)
+            g["lr"] = lr_at(step)
         loss = loss_fn(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -233,7 +235,7 @@ def _loop(name: str, out: Path, modules: dict, loss_fn: Callable, steps: int, lr
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         step += 1
         if step % 50 == 0 or step == steps:
-            log(f"{name}: step {step}/{steps} loss {running:.4f} lr {_lr(step, steps, lr):.2e} "
+            log(f"{name}: step {step}/{steps} loss {running:.4f} lr {lr_at(step - 1):.2e} "
                 f"{(time.time() - t0) / (step - start):.3f}s/step")
         stop = time.time() > deadline
         if step % every == 0 or step == steps or stop:
@@ -249,9 +251,25 @@ def _tokens(tokenizer, texts: list[str]) -> torch.Tensor:
     return tokenizer(texts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
 
 
+#: The second phase of the model's training: from this step on, a warm restart of the learning rate and batches
+#: weighted toward the constructions with spatial words (the hardest to learn, and most of `shapes-eval`).
+RESTART_AT = 6000
+PHASE2_WEIGHTS = {"single": 0.5, "position": 1.5, "two": 1.0, "relation": 2.0, "count": 0.5}
+
+
+def model_lr(step: int, steps: int, peak: float = 1e-3, restart_at: int = RESTART_AT, restart_peak: float = 5e-4) -> float:
+    "Returns the model's learning rate at `step` of `steps`: one warm-up + cosine cycle, and a second from `restart_at`."
+    if steps <= restart_at or step < restart_at:
+        return _lr(step, min(steps, restart_at), peak)
+    return _lr(step - restart_at, steps - restart_at, restart_peak)
+
+
 def train_model(out: Path, steps: int, seed: int, deadline: float, log: _Log, batch_size: int = 32, lr: float = 1e-3,
-                p_uncond: float = 0.1) -> bool:
-    "Trains the text-to-image model and saves it to `out/model` as a pipeline; returns whether it finished."
+                p_uncond: float = 0.1, restart_at: int = RESTART_AT) -> bool:
+    """Trains the text-to-image model and saves it to `out/model` as a pipeline; returns whether it finished.
+
+    Steps up to `restart_at` draw every construction equally often; later steps (when `steps > restart_at`) restart
+    the learning rate at half its first peak and draw constructions by `PHASE2_WEIGHTS`."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     torch.manual_seed(seed)
@@ -261,7 +279,8 @@ def train_model(out: Path, steps: int, seed: int, deadline: float, log: _Log, ba
 
     def loss_fn(step: int) -> torch.Tensor:
         rng = np.random.default_rng([seed, 1, step])
-        images, texts, _ = scenes(batch_size, seed=int(rng.integers(2**62)))
+        weights = PHASE2_WEIGHTS if step >= restart_at else None
+        images, texts, _ = scenes(batch_size, seed=int(rng.integers(2**62)), weights=weights)
         texts = ["" if rng.random() < p_uncond else t for t in texts]
         x0 = images * 2 - 1
         g = torch.Generator().manual_seed(int(rng.integers(2**62)))
@@ -271,7 +290,8 @@ def train_model(out: Path, steps: int, seed: int, deadline: float, log: _Log, ba
         cond = text(_tokens(tokenizer, texts))[0]
         return F.mse_loss(unet(noisy, t, encoder_hidden_states=cond).sample, noise)
 
-    ema = _loop("model", out, {"unet": unet, "text": text}, loss_fn, steps, lr, seed, log, deadline)
+    ema = _loop("model", out, {"unet": unet, "text": text}, loss_fn, steps,
+                lambda step: model_lr(step, steps, lr, restart_at), seed, log, deadline)
     if ema is None:
         return False
     unet.load_state_dict(ema["unet"])
@@ -312,7 +332,8 @@ def train_clip(out: Path, steps: int, seed: int, deadline: float, log: _Log, bat
         aesthetic = F.mse_loss(head(img), quality) / 10
         return contrastive + quality_weight * aesthetic
 
-    ema = _loop("clip", out, {"clip": clip, "head": head}, loss_fn, steps, lr, seed, log, deadline)
+    ema = _loop("clip", out, {"clip": clip, "head": head}, loss_fn, steps, lambda step: _lr(step, steps, lr), seed, log,
+                deadline)
     if ema is None:
         return False
     clip.load_state_dict(ema["clip"])
@@ -326,7 +347,7 @@ def train_clip(out: Path, steps: int, seed: int, deadline: float, log: _Log, bat
     return True
 
 # %% ../nbs/04_shapes_train.ipynb #d1e3bc17
-DEFAULT_STEPS = {"model": 7000, "clip": 3000}
+DEFAULT_STEPS = {"model": 11000, "clip": 3000}
 
 
 def train(out: str | Path, minutes: float = 90.0, seed: int = 0, parts: tuple[str, ...] = ("model", "clip"),

@@ -5,8 +5,9 @@
 # %% ../nbs/03_verifiers.ipynb #f6f49fea
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +16,11 @@ from torch import nn
 from .core import ConfigError, ModelNotFoundError, get_device
 
 # %% auto #0
-__all__ = ['OPENAI_CLIP_MEAN', 'OPENAI_CLIP_STD', 'VERIFIER_NAMES', 'Verifier', 'clip_preprocess', 'CLIPScore', 'AestheticHead',
-           'AestheticScore', 'load_verifiers']
+__all__ = ['OPENAI_CLIP_MEAN', 'OPENAI_CLIP_STD', 'IMAGEREWARD_MEAN', 'IMAGEREWARD_STD', 'IMAGEREWARD_VISION', 'IMAGEREWARD_TEXT',
+           'HPS_FILES', 'VERIFIER_NAMES', 'Verifier', 'clip_preprocess', 'pil_preprocess', 'resolve_file',
+           'load_state_dict', 'HFCLIPEncoder', 'OpenCLIPEncoder', 'CLIPScore', 'AestheticHead', 'AestheticScore',
+           'ImageRewardModel', 'imagereward_from_state_dict', 'imagereward_tokenizer', 'ImageReward', 'PickScore',
+           'HPSv2', 'CallableVerifier', 'load_verifier', 'load_verifiers']
 
 # %% ../nbs/03_verifiers.ipynb #46418362
 @runtime_checkable
@@ -56,7 +60,248 @@ def clip_preprocess(images: torch.Tensor, size: int, mean=OPENAI_CLIP_MEAN, std=
     return (x - mean) / std
 
 # %% ../nbs/03_verifiers.ipynb #02447ced
-def _load_processor_config(path: Path) -> tuple[int, tuple, tuple]:
+def _to_pil(image):
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    arr = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr)
+
+
+def pil_preprocess(images, size: int, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, mode: str = "crop") -> torch.Tensor:
+    """Returns images (a `[0, 1]` tensor N x 3 x H x W, or PIL images) preprocessed as the original verifiers do.
+
+    `mode="crop"`: resize the short side to `size` (bicubic; the long side `int(size * long / short)`), centre
+    crop. `mode="pad"`: resize the long side to `size` (`round`ed), pad with black, centred, to a square."""
+    import numpy as np
+    from PIL import Image
+
+    out = []
+    for im in images:
+        im = _to_pil(im)
+        w, h = im.size
+        if mode == "crop":
+            short, long = min(w, h), max(w, h)
+            if short != size:
+                new_long = int(size * long / short)
+                im = im.resize((size, new_long) if w <= h else (new_long, size), Image.BICUBIC)
+            w, h = im.size
+            top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+            im = im.crop((left, top, left + size, top + size))
+        elif mode == "pad":
+            scale = size / max(w, h)
+            if scale != 1.0 or w != h:  # (the original skips the padding when the long side fits: a non-square crash)
+                nh, nw = round(h * scale), round(w * scale)
+                if scale != 1.0:
+                    im = im.resize((nw, nh), Image.BICUBIC)
+                canvas = Image.new("RGB", (size, size), (0, 0, 0))
+                canvas.paste(im, ((size - nw) // 2, (size - nh) // 2))
+                im = canvas
+        else:
+            raise ConfigError(f"unknown preprocessing mode {mode!r}: use 'crop' or 'pad'")
+        out.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1))
+    x = torch.stack(out)
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+# %% ../nbs/03_verifiers.ipynb #f5bd762d
+def _download_hint(repo: str, filename: str | None = None) -> str:
+    what = f"{repo} {filename}" if filename else repo
+    return f"download it where there is a network with `hf download {what} --local-dir DIR` and pass DIR instead"
+
+
+def resolve_file(ref: str | Path, filename: str) -> Path:
+    "Returns the local path of `filename`: `ref` itself if it is a file, `ref/filename` for a folder, else from hub repo `ref`."
+    path = Path(ref)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        if (path / filename).is_file():
+            return path / filename
+        raise ModelNotFoundError(f"no {filename!r} in folder {str(path)!r}")
+    if str(ref).startswith((".", "/", "~")) or str(ref).count("/") != 1:
+        raise ModelNotFoundError(f"{str(ref)!r} is neither a local file or folder nor a hub id 'owner/name'")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(str(ref), filename))
+    except Exception as e:  # offline, missing repo or file, no access
+        raise ModelNotFoundError(f"could not get {filename!r} of {str(ref)!r} ({type(e).__name__}); "
+                                 f"{_download_hint(str(ref), filename)}") from None
+
+
+def _from_pretrained(cls, ref: str | Path, what: str, **kwargs):
+    "Loads a transformers model, refusing checkpoints that leave parameters at random values."
+    try:
+        model, info = cls.from_pretrained(str(ref), output_loading_info=True, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelNotFoundError(f"could not load the {what} from {str(ref)!r}: {str(e).splitlines()[0]}; "
+                                 f"{_download_hint(str(ref))}") from None
+    missing = list(info.get("missing_keys", []))
+    if missing:
+        raise ModelNotFoundError(f"the {what} at {str(ref)!r} lacks {len(missing)} weights (e.g. {missing[0]!r}): "
+                                 "it is not a checkpoint of this model; refusing random weights")
+    return model
+
+
+def load_state_dict(path: Path) -> dict:
+    "Returns the tensors of a `.safetensors`, `.pt`/`.pth`/`.bin` file (unwrapping a `state_dict` entry)."
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ModelNotFoundError(f"could not read the checkpoint {str(path)!r}: {e}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelNotFoundError(f"{str(path)!r} holds no state dict")
+    return state
+
+# %% ../nbs/03_verifiers.ipynb #09948814
+def _features(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+class HFCLIPEncoder:
+    "A transformers `CLIPModel` with its tokenizer and preprocessing."
+
+    def __init__(self, model, tokenizer, image_size: int | None = None, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
+                 pil: bool = True):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.image_size = image_size or model.config.vision_config.image_size
+        self.mean, self.std, self.pil = tuple(mean), tuple(std), pil
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, processor: str | Path | None = None, device=None,
+                        dtype: torch.dtype = torch.float32, pil: bool = True) -> "HFCLIPEncoder":
+        "Loads a `CLIPModel` from `path`, and its tokenizer and preprocessing from `processor` (default: `path`)."
+        from transformers import AutoTokenizer, CLIPModel
+
+        model = _from_pretrained(CLIPModel, path, "CLIP model", dtype=dtype).to(get_device(device))
+        proc = processor or path
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(proc))
+        except (OSError, ValueError) as e:
+            raise ModelNotFoundError(f"could not load the tokenizer from {str(proc)!r}: {str(e).splitlines()[0]}; "
+                                     f"{_download_hint(str(proc))}") from None
+        size, mean, std = _load_processor_config(Path(proc)) if Path(proc).is_dir() else (None, OPENAI_CLIP_MEAN,
+                                                                                        OPENAI_CLIP_STD)
+        if not Path(proc).is_dir():
+            try:
+                from transformers import CLIPImageProcessor
+
+                ip = CLIPImageProcessor.from_pretrained(str(proc))
+                size, mean, std = ip.crop_size["height"], tuple(ip.image_mean), tuple(ip.image_std)
+            except (OSError, ValueError, KeyError):
+                pass
+        return cls(model, tokenizer, image_size=size, mean=mean, std=std, pil=pil)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.exp())
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        if self.pil:
+            return pil_preprocess(images, self.image_size, self.mean, self.std)
+        return clip_preprocess(images.to(self.device), self.image_size, self.mean, self.std)
+
+    @torch.no_grad()
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        "Returns L2-normalised projected image embeddings."
+        dtype = next(self.model.parameters()).dtype
+        pixels = self.preprocess(images).to(self.device, dtype)
+        return F.normalize(_features(self.model.get_image_features(pixel_values=pixels)).float(), dim=-1)
+
+    @torch.no_grad()
+    def embed_texts(self, prompts: Sequence[str]) -> torch.Tensor:
+        "Returns L2-normalised projected text embeddings."
+        max_length = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
+        tok = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=max_length,
+                             return_tensors="pt").to(self.device)
+        out = self.model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask)
+        return F.normalize(_features(out).float(), dim=-1)
+
+
+class OpenCLIPEncoder:
+    "An open_clip model with its tokenizer and preprocessing (`mode='crop'`, or HPSv2's `'pad'`)."
+
+    def __init__(self, model, tokenizer, image_size: int = 224, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
+                 mode: str = "crop"):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.image_size, self.mean, self.std, self.mode = image_size, tuple(mean), tuple(std), mode
+
+    @classmethod
+    def create(cls, name: str, pretrained: str | None = None, checkpoint: str | Path | None = None, device=None,
+               mode: str = "crop", precision: str = "fp32") -> "OpenCLIPEncoder":
+        """Builds open_clip model `name`; weights from open_clip's `pretrained` tag, or a `checkpoint` state dict file.
+
+        With neither, the weights are random: only for tests and benchmarks."""
+        import open_clip
+
+        try:
+            model = open_clip.create_model(name, pretrained=pretrained, precision=precision, device="cpu",
+                                           require_pretrained=pretrained is not None)
+        except RuntimeError as e:
+            raise ModelNotFoundError(f"could not build open_clip {name!r} with weights {pretrained!r}: "
+                                     f"{str(e).splitlines()[0]}") from None
+        if checkpoint is not None:
+            state = load_state_dict(Path(checkpoint))
+            state = {k.removeprefix("module."): v for k, v in state.items()}
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                bad = (missing or unexpected)[0]
+                raise ModelNotFoundError(f"{str(checkpoint)!r} does not fit open_clip {name!r} ({len(missing)} "
+                                         f"missing, {len(unexpected)} unexpected keys, e.g. {bad!r})")
+        cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
+        size = model.visual.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        return cls(model.to(get_device(device)), open_clip.get_tokenizer(name), image_size=int(size),
+                   mean=cfg.get("mean", OPENAI_CLIP_MEAN), std=cfg.get("std", OPENAI_CLIP_STD), mode=mode)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.exp())
+
+    @torch.no_grad()
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.model.parameters()).dtype
+        pixels = pil_preprocess(images, self.image_size, self.mean, self.std, self.mode).to(self.device, dtype)
+        return F.normalize(self.model.encode_image(pixels).float(), dim=-1)
+
+    @torch.no_grad()
+    def embed_texts(self, prompts: Sequence[str]) -> torch.Tensor:
+        return F.normalize(self.model.encode_text(self.tokenizer(list(prompts)).to(self.device)).float(), dim=-1)
+
+# %% ../nbs/03_verifiers.ipynb #681c7274
+class _Lazy:
+    "Mixin: `self._parts` is built by `self._loader()` on first use."
+    _parts = None
+    _loader: Callable | None = None
+
+    def load(self):
+        "Loads the model now (it is otherwise loaded on first use); returns the verifier."
+        if self._parts is None:
+            self._parts = self._loader()
+        return self
+
+    @property
+    def parts(self):
+        return self.load()._parts
+
+# %% ../nbs/03_verifiers.ipynb #8fdd2b61
+def _load_processor_config(path: Path) -> tuple[int | None, tuple, tuple]:
     "Returns (crop size, mean, std) from a saved CLIP image processor, or OpenAI's at the model's size."
     import json
 
@@ -69,51 +314,46 @@ def _load_processor_config(path: Path) -> tuple[int, tuple, tuple]:
     return None, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 
-class CLIPScore:
-    "Prompt consistency: `scale * max(cos(image, text), 0)` from a transformers `CLIPModel`."
+class CLIPScore(_Lazy):
+    "Prompt consistency: `scale * max(cos(image, text), 0)` from a CLIP-family encoder."
     name = "clip"
 
-    def __init__(self, model, tokenizer, image_size: int | None = None, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
-                 scale: float = 2.5, raw: bool = False, batch_size: int = 32):
-        self.model, self.tokenizer = model.eval(), tokenizer
-        self.image_size = image_size or model.config.vision_config.image_size
-        self.mean, self.std, self.scale, self.raw, self.batch_size = mean, std, scale, raw, batch_size
+    def __init__(self, encoder=None, scale: float = 2.5, raw: bool = False, batch_size: int = 32, loader=None):
+        self._parts, self._loader = encoder, loader
+        self.scale, self.raw, self.batch_size = scale, raw, batch_size
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device=None, dtype: torch.dtype = torch.float32, **kwargs) -> "CLIPScore":
-        "Returns the verifier over a `CLIPModel` and its tokenizer saved in a local folder (or a hub id)."
-        from transformers import AutoTokenizer, CLIPModel
+    def from_pretrained(cls, path: str | Path = "openai/clip-vit-large-patch14", device=None,
+                        dtype: torch.dtype = torch.float32, processor: str | Path | None = None, pil: bool = True,
+                        lazy: bool = True, **kwargs) -> "CLIPScore":
+        "Returns the verifier over a transformers `CLIPModel` and its tokenizer (a local folder or a hub id)."
+        out = cls(loader=lambda: HFCLIPEncoder.from_pretrained(path, processor, device, dtype, pil), **kwargs)
+        return out if lazy else out.load()
 
-        try:
-            model = CLIPModel.from_pretrained(str(path), dtype=dtype).to(get_device(device))
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
-        except OSError as e:
-            raise ModelNotFoundError(f"could not load a CLIP model and tokenizer from {str(path)!r}: {e}") from e
-        size, mean, std = _load_processor_config(Path(path)) if Path(path).is_dir() else (None, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-        return cls(model, tokenizer, image_size=size, mean=mean, std=std, **kwargs)
+    @classmethod
+    def from_open_clip(cls, name: str = "ViT-H-14", pretrained: str | None = "laion2b_s32b_b79k", device=None,
+                       lazy: bool = True, **kwargs) -> "CLIPScore":
+        "Returns the verifier over an open_clip backbone."
+        out = cls(loader=lambda: OpenCLIPEncoder.create(name, pretrained, device=device), **kwargs)
+        return out if lazy else out.load()
+
+    @property
+    def encoder(self):
+        return self.parts
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self.encoder.device
 
-    @torch.no_grad()
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         "Returns L2-normalised projected image embeddings."
-        dtype = next(self.model.parameters()).dtype
-        pixels = clip_preprocess(images.to(self.device), self.image_size, self.mean, self.std).to(dtype)
-        out = self.model.get_image_features(pixel_values=pixels)
-        out = out if isinstance(out, torch.Tensor) else out.pooler_output
-        return F.normalize(out.float(), dim=-1)
+        return self.encoder.embed_images(images)
 
-    @torch.no_grad()
     def embed_texts(self, prompts: Sequence[str]) -> torch.Tensor:
         "Returns L2-normalised projected text embeddings."
-        tok = self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                             max_length=self.tokenizer.model_max_length, return_tensors="pt").to(self.device)
-        out = self.model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask)
-        out = out if isinstance(out, torch.Tensor) else out.pooler_output
-        return F.normalize(out.float(), dim=-1)
+        return self.encoder.embed_texts(prompts)
 
+    @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         "Returns one CLIP score per image."
         _check_images(images, prompts)
@@ -123,7 +363,7 @@ class CLIPScore:
             scores.append(cos if self.raw else self.scale * cos.clamp(min=0))
         return torch.cat(scores).cpu()
 
-# %% ../nbs/03_verifiers.ipynb #f5bd762d
+# %% ../nbs/03_verifiers.ipynb #6fb47a31
 class AestheticHead(nn.Module):
     "The LAION aesthetic predictor's MLP: Linear, Dropout, Linear, Dropout, Linear, Dropout, Linear, Linear."
 
@@ -139,62 +379,339 @@ class AestheticHead(nn.Module):
         return self.layers(embeds).squeeze(-1)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "AestheticHead":
-        "Returns the head stored in a state-dict file (`.pth`/`.pt` or `.safetensors`), its widths read from it."
-        path = Path(path)
-        if not path.is_file():
-            raise ModelNotFoundError(f"no aesthetic head at {str(path)!r}")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+    def from_state_dict(cls, state: dict, where: str = "state dict") -> "AestheticHead":
+        "Returns the head of a state dict with keys `layers.{0,2,4,6,7}.{weight,bias}`, its widths read from it."
         try:
             widths = tuple(state[f"layers.{i}.weight"].shape[0] for i in (0, 2, 4, 6))
             head = cls(state["layers.0.weight"].shape[1], widths)
             head.load_state_dict(state)
         except (KeyError, RuntimeError) as e:
-            raise ModelNotFoundError(f"{str(path)!r} is not an aesthetic head state dict (keys layers.0-7): {e}") from e
+            raise ModelNotFoundError(f"{where} is not an aesthetic head state dict (keys layers.0-7): "
+                                     f"{str(e).splitlines()[0]}") from None
         return head.eval()
 
+    @classmethod
+    def from_file(cls, path: str | Path) -> "AestheticHead":
+        "Returns the head stored in a state-dict file (`.pth`/`.pt` or `.safetensors`)."
+        path = Path(path)
+        if not path.is_file():
+            raise ModelNotFoundError(f"no aesthetic head at {str(path)!r}")
+        return cls.from_state_dict(load_state_dict(path), repr(str(path)))
 
-class AestheticScore:
-    "Beauty: the LAION-shaped aesthetic head over a CLIP model's normalised image embedding."
+
+def _clip_encoder(ref: str, device=None):
+    "Returns a CLIP encoder by reference: a transformers folder or hub id, or `open_clip:NAME/PRETRAINED`."
+    if str(ref).startswith("open_clip:"):
+        name, _, pretrained = str(ref).removeprefix("open_clip:").partition("/")
+        return OpenCLIPEncoder.create(name, pretrained or None, device=device)
+    return HFCLIPEncoder.from_pretrained(ref, device=device)
+
+
+class AestheticScore(_Lazy):
+    "Beauty: the LAION aesthetic head over a CLIP model's normalised image embedding."
     name = "aesthetic"
 
-    def __init__(self, clip: CLIPScore, head: AestheticHead, batch_size: int = 32):
-        self.clip, self.head, self.batch_size = clip, head.eval().to(clip.device), batch_size
+    def __init__(self, clip=None, head: AestheticHead | None = None, batch_size: int = 32, loader=None):
+        self.batch_size, self._loader = batch_size, loader
+        if clip is not None:
+            encoder = clip.encoder if isinstance(clip, CLIPScore) else clip
+            self._parts = (encoder, head.eval().to(encoder.device))
 
     @classmethod
-    def from_pretrained(cls, clip_path: str | Path, head_path: str | Path, device=None, **kwargs) -> "AestheticScore":
-        "Returns the verifier over a CLIP folder and a head state dict (`.pth`/`.pt` or `.safetensors`)."
-        return cls(CLIPScore.from_pretrained(clip_path, device=device), AestheticHead.from_file(head_path), **kwargs)
+    def from_pretrained(cls, head: str | Path = "trl-lib/ddpo-aesthetic-predictor",
+                        clip: str | Path = "openai/clip-vit-large-patch14", filename: str = "aesthetic-model.pth",
+                        device=None, lazy: bool = True, **kwargs) -> "AestheticScore":
+        "Returns the verifier: the head from a file, folder or hub repo (`filename` in it) over the CLIP `clip`."
+
+        def loader():
+            h = AestheticHead.from_file(resolve_file(head, filename))
+            encoder = _clip_encoder(clip, device)
+            return encoder, h.to(encoder.device)
+
+        out = cls(loader=loader, **kwargs)
+        return out if lazy else out.load()
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: Sequence[str] | None = None) -> torch.Tensor:
         "Returns one aesthetic score per image (prompts are ignored)."
         _check_images(images, prompts if prompts is not None else [""] * len(images))
-        out = [self.head(self.clip.embed_images(images[i : i + self.batch_size])) for i in range(0, len(images), self.batch_size)]
+        encoder, head = self.parts
+        out = [head(encoder.embed_images(images[i : i + self.batch_size])) for i in range(0, len(images), self.batch_size)]
         return torch.cat(out).float().cpu()
 
-# %% ../nbs/03_verifiers.ipynb #681c7274
-VERIFIER_NAMES = ("clip", "aesthetic")
+# %% ../nbs/03_verifiers.ipynb #69e37707
+IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072
+IMAGEREWARD_VISION = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                          image_size=224, patch_size=16, layer_norm_eps=1e-6, hidden_act="gelu")
+IMAGEREWARD_TEXT = dict(vocab_size=30524, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                        intermediate_size=3072, encoder_hidden_size=1024, max_position_embeddings=512,
+                        layer_norm_eps=1e-12, hidden_act="gelu")
+
+_VISION_KEYS = [("visual_encoder.cls_token", "embeddings.class_embedding"),
+                ("visual_encoder.pos_embed", "embeddings.position_embedding"),
+                ("visual_encoder.patch_embed.proj.", "embeddings.patch_embedding."),
+                ("visual_encoder.norm.", "post_layernorm.")]
+_BLOCK_KEYS = [("norm1.", "layer_norm1."), ("attn.qkv.", "self_attn.qkv."), ("attn.proj.", "self_attn.projection."),
+               ("norm2.", "layer_norm2."), ("mlp.fc1.", "mlp.fc1."), ("mlp.fc2.", "mlp.fc2.")]
+_IGNORED = ("blip.vision_proj.", "blip.text_proj.", "blip.text_encoder.embeddings.position_ids")
+
+
+class ImageRewardModel(nn.Module):
+    "BLIP image and text encoders and the reward MLP of ImageReward, with its standardisation."
+
+    def __init__(self, vision, text, mlp: AestheticHead, mean: float = IMAGEREWARD_MEAN, std: float = IMAGEREWARD_STD):
+        super().__init__()
+        self.vision, self.text, self.mlp, self.mean, self.std = vision, text, mlp, mean, std
+
+    def reward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        "Returns one standardised reward per row (image i with prompt tokens i)."
+        image_embeds = self.vision(pixel_values=pixel_values).last_hidden_state
+        image_atts = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
+        out = self.text(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
+                        encoder_attention_mask=image_atts)
+        r = self.mlp(out.last_hidden_state[:, 0, :].to(next(self.mlp.parameters()).dtype))
+        return (r - self.mean) / self.std
+
+
+def _map_imagereward_key(key: str) -> tuple[str, str] | None:
+    "Returns (part, key in that part) for an original ImageReward key, or None for keys the reward does not use."
+    if key.startswith(_IGNORED):
+        return None
+    if key.startswith("mlp."):
+        return "mlp", key.removeprefix("mlp.")
+    if key.startswith("blip.text_encoder."):
+        return "text", key.removeprefix("blip.text_encoder.")
+    if key.startswith("blip.visual_encoder.blocks."):
+        i, rest = key.removeprefix("blip.visual_encoder.blocks.").split(".", 1)
+        for old, new in _BLOCK_KEYS:
+            if rest.startswith(old):
+                return "vision", f"encoder.layers.{i}.{new}{rest.removeprefix(old)}"
+    for old, new in _VISION_KEYS:
+        if key.removeprefix("blip.").startswith(old):
+            return "vision", new + key.removeprefix("blip.").removeprefix(old)
+    raise ModelNotFoundError(f"unexpected key {key!r} in the ImageReward checkpoint")
+
+
+def imagereward_from_state_dict(state_dict: dict, vision_config: dict, text_config: dict,
+                                mean: float = IMAGEREWARD_MEAN, std: float = IMAGEREWARD_STD) -> ImageRewardModel:
+    """Returns ImageReward rebuilt on transformers from the original checkpoint's state dict (original key names).
+
+    `vision_config` and `text_config` are the BLIP ViT's and BERT's sizes (`IMAGEREWARD_VISION`, `IMAGEREWARD_TEXT` for
+    the real model). Every weight of the rebuilt model must come from the state dict."""
+    from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
+
+    vc = dict(vision_config)
+    if not vc.pop("qkv_bias", True):
+        raise ConfigError("ImageReward's ViT has biases on q, k, v; transformers' BlipVisionModel assumes them")
+    tc = {"pad_token_id": 0, "bos_token_id": None, "sep_token_id": None, "eos_token_id": None, **text_config}
+    vision = BlipVisionModel(BlipVisionConfig(**vc))
+    text = BlipTextModel(BlipTextConfig(**tc, is_decoder=True), add_pooling_layer=False)  # is_decoder: cross-attention
+    parts = {"vision": {}, "text": {}, "mlp": {}}
+    for key, value in state_dict.items():
+        mapped = _map_imagereward_key(key)
+        if mapped is not None:
+            parts[mapped[0]][mapped[1]] = value
+    mlp = AestheticHead.from_state_dict(parts["mlp"], "the ImageReward checkpoint's MLP (mlp.layers.*)")
+    for name, module in (("vision", vision), ("text", text)):
+        missing, unexpected = module.load_state_dict(parts[name], strict=False)
+        if missing or unexpected:
+            raise ModelNotFoundError(f"the ImageReward checkpoint does not fit the {name} config: "
+                                     f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return ImageRewardModel(vision.eval(), text.eval(), mlp, mean, std).eval()
+
+
+def imagereward_tokenizer(path: str | Path = "bert-base-uncased"):
+    "Returns BLIP's BERT tokenizer: `path`'s with `[DEC]` as bos token and `[ENC]` added."
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise ModelNotFoundError(f"could not load the tokenizer {str(path)!r}: {str(e).splitlines()[0]}; "
+                                 f"{_download_hint(str(path))}") from None
+    tok.add_special_tokens({"bos_token": "[DEC]"})
+    tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    return tok
+
+
+class ImageReward(_Lazy):
+    "Holistic human preference: ImageReward's standardised reward."
+    name = "imagereward"
+
+    def __init__(self, model: ImageRewardModel | None = None, tokenizer=None, batch_size: int = 16, max_length: int = 35,
+                 loader=None):
+        self.batch_size, self.max_length, self._loader = batch_size, max_length, loader
+        if model is not None:
+            self._parts = (model.eval(), tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, checkpoint: str | Path = "THUDM/ImageReward", tokenizer: str | Path = "bert-base-uncased",
+                        filename: str = "ImageReward.pt", device=None, dtype: torch.dtype = torch.float32,
+                        vision_config: dict | None = None, text_config: dict | None = None, lazy: bool = True,
+                        **kwargs) -> "ImageReward":
+        "Returns the verifier from the original checkpoint (a file, a folder, or hub repo `checkpoint`)."
+
+        def loader():
+            state = load_state_dict(resolve_file(checkpoint, filename))
+            model = imagereward_from_state_dict(state, vision_config or IMAGEREWARD_VISION, text_config or IMAGEREWARD_TEXT)
+            return model.to(get_device(device), dtype), imagereward_tokenizer(tokenizer)
+
+        out = cls(loader=loader, **kwargs)
+        return out if lazy else out.load()
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        "Returns one ImageReward per image."
+        _check_images(images, prompts)
+        model, tok = self.parts
+        device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            pixels = pil_preprocess(images[i : i + self.batch_size], model.vision.config.image_size).to(device, dtype)
+            t = tok(list(prompts[i : i + self.batch_size]), padding="max_length", truncation=True,
+                    max_length=self.max_length, return_tensors="pt").to(device)
+            out.append(model.reward(pixels, t.input_ids, t.attention_mask).float())
+        return torch.cat(out).cpu()
+
+# %% ../nbs/03_verifiers.ipynb #ed84c809
+class PickScore(_Lazy):
+    "Human preference: PickScore's `logit_scale * cos(image, text)`."
+    name = "pickscore"
+
+    def __init__(self, encoder=None, batch_size: int = 16, loader=None):
+        self._parts, self._loader, self.batch_size = encoder, loader, batch_size
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path = "yuvalkirstain/PickScore_v1",
+                        processor: str | Path = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", device=None,
+                        dtype: torch.dtype = torch.float32, lazy: bool = True, **kwargs) -> "PickScore":
+        "Returns the verifier over the PickScore `CLIPModel` and its processor's tokenizer and preprocessing."
+        out = cls(loader=lambda: HFCLIPEncoder.from_pretrained(path, processor, device, dtype), **kwargs)
+        return out if lazy else out.load()
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        _check_images(images, prompts)
+        enc = self.parts
+        out = [enc.logit_scale * (enc.embed_images(images[i : i + self.batch_size])
+                                  * enc.embed_texts(prompts[i : i + self.batch_size])).sum(-1)
+               for i in range(0, len(images), self.batch_size)]
+        return torch.cat(out).cpu()
+
+
+HPS_FILES = {"v2": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
+
+
+class HPSv2(_Lazy):
+    "Human preference: HPS v2 / v2.1, the cosine of open_clip ViT-H/14 features with the HPS checkpoint."
+    name = "hps"
+
+    def __init__(self, encoder=None, batch_size: int = 16, loader=None):
+        self._parts, self._loader, self.batch_size = encoder, loader, batch_size
+
+    @classmethod
+    def from_pretrained(cls, checkpoint: str | Path = "xswu/HPSv2", version: str = "v2.1", model_name: str = "ViT-H-14",
+                        device=None, lazy: bool = True, **kwargs) -> "HPSv2":
+        "Returns the verifier: open_clip `model_name` without weights, then the HPS checkpoint (file, folder or hub repo)."
+        if version not in HPS_FILES:
+            raise ConfigError(f"unknown HPS version {version!r}: use {' or '.join(HPS_FILES)}")
+
+        def loader():
+            path = resolve_file(checkpoint, HPS_FILES[version])
+            return OpenCLIPEncoder.create(model_name, None, checkpoint=path, device=device, mode="pad")
+
+        out = cls(loader=loader, **kwargs)
+        return out if lazy else out.load()
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        _check_images(images, prompts)
+        enc = self.parts
+        out = [(enc.embed_images(images[i : i + self.batch_size]) * enc.embed_texts(prompts[i : i + self.batch_size])).sum(-1)
+               for i in range(0, len(images), self.batch_size)]
+        return torch.cat(out).cpu()
+
+# %% ../nbs/03_verifiers.ipynb #48cd7489
+class CallableVerifier:
+    "A verifier from a function `fn(images, prompts) -> scores`."
+
+    def __init__(self, fn: Callable, name: str | None = None):
+        self.fn, self.name = fn, name or getattr(fn, "__name__", "callable")
+
+    def load(self):
+        return self
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        _check_images(images, prompts)
+        out = torch.as_tensor(self.fn(images, list(prompts)), dtype=torch.float32).flatten().cpu()
+        if len(out) != len(images):
+            raise ConfigError(f"verifier {self.name!r} returned {len(out)} scores for {len(images)} images")
+        return out
+
+# %% ../nbs/03_verifiers.ipynb #450cf4bb
+VERIFIER_NAMES = ("clip", "aesthetic", "imagereward", "pickscore", "hps", "gpt")
+
+
+def _value(text: str):
+    "Returns an option's value: a bool, int or float when it reads as one, else the string."
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _parse_name(spec: str) -> tuple[str, dict]:
+    name, _, opts = spec.strip().partition(":")
+    kwargs = {}
+    for item in filter(None, (o.strip() for o in opts.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"verifier option {item!r} of {spec!r} is not key=value")
+        kwargs[key.strip()] = _value(value.strip())
+    return name.strip().lower(), kwargs
+
+
+def load_verifier(spec: str, device=None):
+    "Returns the real verifier named by `spec` (`name` or `name:key=value,...`), not yet loaded."
+    name, kw = _parse_name(spec)
+    if name == "clip":
+        if "open_clip" in kw:
+            return CLIPScore.from_open_clip(kw.pop("path", "ViT-H-14"), kw.pop("open_clip"), device=device, **kw)
+        return CLIPScore.from_pretrained(kw.pop("path", "openai/clip-vit-large-patch14"), device=device, **kw)
+    if name == "aesthetic":
+        return AestheticScore.from_pretrained(device=device, **kw)
+    if name == "imagereward":
+        return ImageReward.from_pretrained(device=device, **kw)
+    if name == "pickscore":
+        return PickScore.from_pretrained(device=device, **kw)
+    if name == "hps":
+        return HPSv2.from_pretrained(device=device, **kw)
+    if name == "gpt":
+        try:
+            from noiseopt.judge import GPTJudge
+        except ImportError:
+            raise ConfigError("the 'gpt' verifier needs noiseopt.judge and the openai extra: "
+                              "pip install 'noiseopt[gpt]'") from None
+        return GPTJudge(**kw)
+    raise ConfigError(f"unknown verifier {name!r}: choose from {', '.join(VERIFIER_NAMES)}")
 
 
 def load_verifiers(names: Sequence[str], world=None, device=None) -> list:
     "Returns the verifiers called `names`: the shapes world's when `world` is given, else the real ones."
-    names = [n.strip().lower() for n in names if n.strip()]
+    names = [n.strip() for n in names if n.strip()]
     if not names:
         raise ConfigError(f"no verifier named: choose from {', '.join(VERIFIER_NAMES)}")
-    unknown = [n for n in names if n not in VERIFIER_NAMES]
+    unknown = [n for n in names if _parse_name(n)[0] not in VERIFIER_NAMES]
     if unknown:
         raise ConfigError(f"unknown verifier(s) {', '.join(map(repr, unknown))}: choose from {', '.join(VERIFIER_NAMES)}")
     if world is not None:
-        return [{"clip": world.clip, "aesthetic": world.aesthetic}[n] for n in names]
-    out = []
-    for n in names:
-        if n == "clip":
-            out.append(CLIPScore.from_pretrained("openai/clip-vit-large-patch14", device=device))
-        else:
-            raise ConfigError("the LAION aesthetic verifier for real models is not wired in yet: use --verifiers clip")
-    return out
+        shapes = {"clip": world.clip, "aesthetic": world.aesthetic}
+        other = [n for n in names if _parse_name(n)[0] not in shapes]
+        if other:
+            raise ConfigError(f"the shapes world has the verifiers clip and aesthetic, not {', '.join(other)}")
+        return [shapes[_parse_name(n)[0]] for n in names]
+    return [load_verifier(n, device=device) for n in names]
