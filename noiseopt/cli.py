@@ -142,7 +142,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("noiseopt_out") / f"{_slug(args.prompt)}-{args.algo}-seed{args.seed}")
     kwargs = {k: getattr(args, k) for k in ("neighbors", "lam", "paths", "per_path", "start_step", "forward", "backward",
                                              "split") if getattr(args, k) is not None}
+    gpt = {k: getattr(args, f"gpt_{k}") for k in ("base_url", "model", "mode", "concurrency", "cache_dir")
+           if getattr(args, f"gpt_{k}") is not None}
     result = search_noise(args.prompt, model=args.model, verifiers=verifiers, weights=_floats(args.weights, "--weights"),
+                          verifier_options={"gpt": gpt} if gpt else None,
                           ensemble=args.ensemble, algo=args.algo, budget=args.budget, seed=args.seed, steps=args.steps,
                           guidance=args.guidance, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                           scheduler=args.scheduler, out=out, progress=not args.quiet, **kwargs)
@@ -162,6 +165,9 @@ def cmd_search(args: argparse.Namespace) -> int:
 
         verdict = lambda c: "pass" if check(c.image, result.prompt).passed else "fail"  # noqa: E731
         print(f"{'checker':<12}{verdict(base):>10}{verdict(best):>10}")
+    if result.report.get("failed_candidates"):
+        print(f"{len(result.report['failed_candidates'])} candidates had a failed verifier (NaN, ranked last): "
+              f"see report in result.json")
     print(f"wrote {out}/: best.png baseline.png grid.png trajectory.png result.json")
     return 0
 
@@ -198,6 +204,11 @@ def _add_search(sub) -> None:
     p.add_argument("--forward", type=int, default=None, help="paths: steps re-noised back each round (default 0.12 K)")
     p.add_argument("--backward", type=int, default=None, help="paths: steps denoised each round (default 0.2 K)")
     p.add_argument("--split", type=float, default=None, help="both: zero-order share of the budget (default 0.5)")
+    p.add_argument("--gpt-base-url", default=None, help="gpt: OpenAI-compatible endpoint (default: OpenAI's)")
+    p.add_argument("--gpt-model", default=None, help="gpt: vision chat model (default gpt-4o-mini); key from OPENAI_API_KEY")
+    p.add_argument("--gpt-mode", default=None, choices=("rubric", "yesno"), help="gpt: rubric score (default) or P(Yes)")
+    p.add_argument("--gpt-concurrency", type=int, default=None, help="gpt: requests in flight at most (default 8)")
+    p.add_argument("--gpt-cache-dir", default=None, help="gpt: folder caching judgements by content (default none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_search)
 

@@ -68,13 +68,22 @@ class Ensemble:
             raise ConfigError(f"{len(weights)} weights for {len(verifiers)} verifiers: give one weight per verifier")
         if method not in METHODS:
             raise ConfigError(f"unknown ensemble method {method!r}: use one of {', '.join(METHODS)}")
-        self.verifiers, self.names, self.method = verifiers, names, method
+        self.verifiers, self.names, self.method, self.details = verifiers, names, method, {}
         self.weights = None if weights is None else [float(w) for w in weights]
         utilities(torch.zeros(1, len(verifiers)), self.weights, method)  # validates the weights now
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        "Returns each verifier's raw scores for the batch, by verifier name (each verifier runs once)."
-        return {v.name: torch.as_tensor(v.score(images, prompts), dtype=torch.float32).cpu() for v in self.verifiers}
+        """Returns each verifier's raw scores for the batch, by verifier name (each verifier runs once).
+
+        Verifiers that explain their scores (a `last_details` list, one entry per image, as the GPT judge keeps)
+        leave those in `self.details`, by verifier name, until the next call."""
+        out, self.details = {}, {}
+        for v in self.verifiers:
+            out[v.name] = torch.as_tensor(v.score(images, prompts), dtype=torch.float32).cpu()
+            details = getattr(v, "last_details", None)
+            if details is not None and len(details) == len(images):
+                self.details[v.name] = list(details)
+        return out
 
     def table(self, scores: Sequence[dict[str, float]] | dict[str, torch.Tensor]) -> torch.Tensor:
         "Returns the `N x V` table of raw scores, columns in the ensemble's order."

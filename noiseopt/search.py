@@ -102,13 +102,19 @@ class Search:
         The batch was charged before it ran; candidate `i` is recorded as made once the NFEs of the
         candidates before it and its own (`cost_each` apiece) were spent, so trajectories are per candidate."""
         scores = self.score(run, images)
+        details = getattr(self.ensemble, "details", {})
         util = self.ensemble.utility(scores)
         first = len(run.result.candidates)
         n = len(scores)
         for i, sc in enumerate(scores):
+            extra = {"details": {name: d[i] for name, d in details.items()}} if details else {}
+            failed = sorted(name for name, v in sc.items() if math.isnan(v))
+            if failed:
+                extra["failed"] = failed
             run.result.candidates.append(Candidate(
                 seeds=[int(s) for s in seeds[i]], step=step, parent=None if parents is None else parents[i], scores=sc,
-                utility=float(util[i]), nfe=run.budget.spent - (n - 1 - i) * cost_each, info={"pool_utility": float(util[i]), "full": full, **info},
+                utility=float(util[i]), nfe=run.budget.spent - (n - 1 - i) * cost_each,
+                info={"pool_utility": float(util[i]), "full": full, **info, **extra},
                 image=images[i].detach().cpu(), latent=None if latents is None else latents[i].detach().cpu()))
         return list(range(first, first + len(scores)))
 
@@ -220,7 +226,16 @@ class Search:
         util = self.ensemble.utility([res.candidates[i].scores for i in full])
         for i, u in zip(full, util.tolist()):
             res.candidates[i].utility = u
-        res.best_index = full[int(torch.argmax(util))]  # the first of equals: deterministic
+        # a candidate a verifier failed on (a NaN score, as a remote judge may give) is chosen only if all failed
+        scored = [k for k, i in enumerate(full) if not res.candidates[i].info.get("failed")]
+        pick = scored or list(range(len(full)))
+        res.best_index = full[pick[int(torch.argmax(util[pick]))]]  # the first of equals: deterministic
+        failed = [i for i, c in enumerate(res.candidates) if c.info.get("failed")]
+        if failed:
+            res.report["failed_candidates"] = failed
+        for v in self.ensemble.verifiers:
+            if hasattr(v, "usage"):
+                res.report[f"{v.name}_usage"] = dict(v.usage)
         res.nfe = run.budget.spent
         res.wall_time = time.perf_counter() - run.t0
         return res
@@ -488,7 +503,7 @@ def make_search(algo: str, sampler, ensemble, batch_size: int | None = None, nei
 
 def load_model_and_verifiers(model: str = "shapes", verifiers: Sequence[str] | None = None, steps: int | None = None,
                              guidance: float | None = None, batch_size: int | None = None, device=None, dtype=None,
-                             scheduler: str | None = None):
+                             scheduler: str | None = None, verifier_options: dict[str, dict] | None = None):
     "Returns `(sampler, verifiers)`: the model by name (`'shapes'`, a hub id or a folder) and verifiers by name."
     from noiseopt.verifiers import load_verifiers
 
@@ -503,10 +518,14 @@ def load_model_and_verifiers(model: str = "shapes", verifiers: Sequence[str] | N
             s = world.sampler
             world.sampler = DiffusersSampler(s.pipe, num_steps=s.num_steps, guidance_scale=s.guidance_scale,
                                              batch_size=s.batch_size, scheduler=scheduler)
-        return world.sampler, load_verifiers(verifiers or ["clip", "aesthetic"], world=world, device=device)
+        vs = load_verifiers(verifiers or ["clip", "aesthetic"], world=world, device=device, options=verifier_options)
+        for v in vs:
+            if hasattr(v, "load"):
+                v.load()
+        return world.sampler, vs
     from noiseopt.samplers import DiffusersSampler
 
-    vs = load_verifiers(verifiers or ["clip"], device=device)
+    vs = load_verifiers(verifiers or ["clip"], device=device, options=verifier_options)
     for v in vs:  # load every verifier before any NFE is spent: a missing checkpoint fails first
         if hasattr(v, "load"):
             v.load()
@@ -519,13 +538,17 @@ def search_noise(prompt: str, model: str = "shapes", verifiers: Sequence[str] | 
                  weights: Sequence[float] | None = None, ensemble: str = "rank", algo: str = "random",
                  budget: int | None = None, seed: int = 0, steps: int | None = None, guidance: float | None = None,
                  batch_size: int | None = None, device=None, dtype=None, scheduler: str | None = None,
-                 out: str | os.PathLike | None = None, progress: bool = False, **search_kwargs) -> SearchResult:
-    "Returns the result of searching for `prompt`'s best initial noise (`budget` default: 8 samples' worth)."
+                 out: str | os.PathLike | None = None, progress: bool = False,
+                 verifier_options: dict[str, dict] | None = None, **search_kwargs) -> SearchResult:
+    """Returns the result of searching for `prompt`'s best initial noise (`budget` default: 8 samples' worth).
+
+    `verifier_options` maps a verifier name to its keyword arguments, e.g. `{"gpt": {"base_url": ...}}`."""
     from noiseopt.samplers import check_prompt
 
     check_prompt(prompt)
     if algo not in ALGOS:
         raise ConfigError(f"unknown search algorithm {algo!r}: use one of {', '.join(ALGOS)}")
-    sampler, vs = load_model_and_verifiers(model, verifiers, steps, guidance, batch_size, device, dtype, scheduler)
+    sampler, vs = load_model_and_verifiers(model, verifiers, steps, guidance, batch_size, device, dtype, scheduler,
+                                           verifier_options)
     search = make_search(algo, sampler, Ensemble(vs, weights=weights, method=ensemble), **search_kwargs)
     return search.run(prompt, 8 * sampler.num_steps if budget is None else budget, seed=seed, out=out, progress=progress)

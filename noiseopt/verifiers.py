@@ -675,9 +675,10 @@ def _parse_name(spec: str) -> tuple[str, dict]:
     return name.strip().lower(), kwargs
 
 
-def load_verifier(spec: str, device=None):
-    "Returns the real verifier named by `spec` (`name` or `name:key=value,...`), not yet loaded."
+def load_verifier(spec: str, device=None, **options):
+    "Returns the real verifier named by `spec` (`name` or `name:key=value,...`; `options` add to those), not yet loaded."
     name, kw = _parse_name(spec)
+    kw.update(options)
     if name == "clip":
         if "open_clip" in kw:
             return CLIPScore.from_open_clip(kw.pop("path", "ViT-H-14"), kw.pop("open_clip"), device=device, **kw)
@@ -695,23 +696,21 @@ def load_verifier(spec: str, device=None):
             from noiseopt.judge import GPTJudge
         except ImportError:
             raise ConfigError("the 'gpt' verifier needs noiseopt.judge and the openai extra: "
-                              "pip install 'noiseopt[gpt]'") from None
+                              "pip install 'noiseopt[openai]'") from None
         return GPTJudge(**kw)
     raise ConfigError(f"unknown verifier {name!r}: choose from {', '.join(VERIFIER_NAMES)}")
 
 
-def load_verifiers(names: Sequence[str], world=None, device=None) -> list:
-    "Returns the verifiers called `names`: the shapes world's when `world` is given, else the real ones."
+def load_verifiers(names: Sequence[str], world=None, device=None, options: dict[str, dict] | None = None) -> list:
+    """Returns the verifiers called `names`: with a shapes `world`, its `clip` and `aesthetic` (other names are the real
+    verifiers, e.g. `gpt`); `options` maps a name to keyword arguments of its verifier."""
+    options = options or {}
     names = [n.strip() for n in names if n.strip()]
     if not names:
         raise ConfigError(f"no verifier named: choose from {', '.join(VERIFIER_NAMES)}")
     unknown = [n for n in names if _parse_name(n)[0] not in VERIFIER_NAMES]
     if unknown:
         raise ConfigError(f"unknown verifier(s) {', '.join(map(repr, unknown))}: choose from {', '.join(VERIFIER_NAMES)}")
-    if world is not None:
-        shapes = {"clip": world.clip, "aesthetic": world.aesthetic}
-        other = [n for n in names if _parse_name(n)[0] not in shapes]
-        if other:
-            raise ConfigError(f"the shapes world has the verifiers clip and aesthetic, not {', '.join(other)}")
-        return [shapes[_parse_name(n)[0]] for n in names]
-    return [load_verifier(n, device=device) for n in names]
+    shapes = {"clip": world.clip, "aesthetic": world.aesthetic} if world is not None else {}
+    return [shapes[n] if n in shapes else load_verifier(n, device=device, **options.get(_parse_name(n)[0], {}))
+            for n in names]
