@@ -83,7 +83,7 @@ def format_comparison(report: dict) -> str:
 
 # %% ../nbs/08_bench.ipynb #8c96cecb
 SWEEP_GRID: dict[str, list[dict]] = {
-    "zo": [dict(lam=lam, neighbors=n) for lam in (0.95, 0.8, 0.65, 0.5) for n in (4, 7)],
+    "zo": [dict(lam=0.95, neighbors=4), dict(lam=0.8, neighbors=4), dict(lam=0.6, neighbors=4), dict(lam=0.8, neighbors=7)],
     "paths": [dict(paths=2, per_path=4, start=0.4, forward=0.12, backward=0.2),
               dict(paths=2, per_path=3, start=0.6, forward=0.4, backward=0.48),
               dict(paths=1, per_path=3, start=0.88, forward=0.78, backward=0.81),
@@ -94,11 +94,11 @@ SWEEP_GRID: dict[str, list[dict]] = {
 
 def _steps_kwargs(cfg: dict, K: int) -> dict:
     "Turns a grid entry's path fractions of the schedule into the searches' step arguments."
+    from noiseopt.search import path_steps
+
     out = {k: v for k, v in cfg.items() if k not in ("start", "forward", "backward")}
     if "start" in cfg:
-        out["start_step"] = max(1, min(K - 1, round(cfg["start"] * K)))
-        out["forward"] = max(1, min(out["start_step"], round(cfg["forward"] * K)))
-        out["backward"] = max(out["forward"] + 1, round(cfg["backward"] * K))
+        out.update(path_steps(K, cfg["start"], cfg["forward"], cfg["backward"]))
     return out
 
 

@@ -173,6 +173,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def _add_search(sub) -> None:
+    from noiseopt.search import PATH_DEFAULTS, SPLIT_DEFAULT, ZO_DEFAULTS
+
     p = sub.add_parser("search", help="search for a prompt's best initial noise (the main job)",
                        description="Search for the initial noise whose image the verifiers like best, within a budget of "
                                    "denoiser evaluations (NFEs), and write best.png, baseline.png, grid.png, "
@@ -196,14 +198,14 @@ def _add_search(sub) -> None:
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default: cpu on shapes, auto else)")
     p.add_argument("--dtype", default=None, help="auto, fp32, fp16 or bf16 (default auto: fp16 on GPUs)")
     p.add_argument("--out", default=None, help="output folder (default noiseopt_out/PROMPT-ALGO-seedS)")
-    p.add_argument("--neighbors", type=int, default=None, help="zo: neighbours per round (default 4)")
-    p.add_argument("--lam", type=float, default=None, help="zo: cosine similarity of neighbours to the pivot (default 0.95)")
-    p.add_argument("--paths", type=int, default=None, help="paths: surviving paths N (default 2)")
-    p.add_argument("--per-path", type=int, default=None, help="paths: re-noised copies per path M (default 4)")
-    p.add_argument("--start-step", type=int, default=None, help="paths: step where paths start branching (default 0.4 K)")
-    p.add_argument("--forward", type=int, default=None, help="paths: steps re-noised back each round (default 0.12 K)")
-    p.add_argument("--backward", type=int, default=None, help="paths: steps denoised each round (default 0.2 K)")
-    p.add_argument("--split", type=float, default=None, help="both: zero-order share of the budget (default 0.5)")
+    p.add_argument("--neighbors", type=int, default=None, help=f"zo: neighbours per round (default {ZO_DEFAULTS['neighbors']})")
+    p.add_argument("--lam", type=float, default=None, help=f"zo: cosine similarity of neighbours to the pivot (default {ZO_DEFAULTS['lam']})")
+    p.add_argument("--paths", type=int, default=None, help=f"paths: surviving paths N (default {PATH_DEFAULTS['paths']})")
+    p.add_argument("--per-path", type=int, default=None, help=f"paths: re-noised copies per path M (default {PATH_DEFAULTS['per_path']})")
+    p.add_argument("--start-step", type=int, default=None, help=f"paths: step where paths start branching (default {PATH_DEFAULTS['start']} K)")
+    p.add_argument("--forward", type=int, default=None, help=f"paths: steps re-noised back each round (default {PATH_DEFAULTS['forward']} K)")
+    p.add_argument("--backward", type=int, default=None, help=f"paths: steps denoised each round (default {PATH_DEFAULTS['backward']} K)")
+    p.add_argument("--split", type=float, default=None, help=f"both: zero-order share of the budget (default {SPLIT_DEFAULT})")
     p.add_argument("--gpt-base-url", default=None, help="gpt: OpenAI-compatible endpoint (default: OpenAI's)")
     p.add_argument("--gpt-model", default=None, help="gpt: vision chat model (default gpt-4o-mini); key from OPENAI_API_KEY")
     p.add_argument("--gpt-mode", default=None, choices=("rubric", "yesno"), help="gpt: rubric score (default) or P(Yes)")

@@ -18,8 +18,9 @@ from .core import Budget, BudgetError, Candidate, ConfigError, SearchResult, _at
 from .ensemble import Ensemble
 
 # %% auto #0
-__all__ = ['ALGOS', 'derive_seed', 'SearchRun', 'Search', 'RandomSearch', 'neighbor', 'rebuild_noise', 'ZeroOrderSearch',
-           'PathSearch', 'CombinedSearch', 'MoreSteps', 'make_search', 'load_model_and_verifiers', 'search_noise']
+__all__ = ['ZO_DEFAULTS', 'PATH_DEFAULTS', 'SPLIT_DEFAULT', 'ALGOS', 'derive_seed', 'SearchRun', 'Search', 'RandomSearch',
+           'neighbor', 'rebuild_noise', 'ZeroOrderSearch', 'path_steps', 'PathSearch', 'CombinedSearch', 'MoreSteps',
+           'make_search', 'load_model_and_verifiers', 'search_noise']
 
 # %% ../nbs/06_search.ipynb #52c9c38a
 def derive_seed(seed: int, k: int) -> int:
@@ -294,11 +295,16 @@ def rebuild_noise(sampler, chain: Sequence[int], lam: float) -> torch.Tensor:
     return x
 
 
+#: The defaults of zero-order search
+ZO_DEFAULTS = dict(neighbors=4, lam=0.95)
+
+
 class ZeroOrderSearch(Search):
     "Zero-order search: neighbours of a pivot noise at cosine `lam`; move to the best if it wins, else restart."
     algo = "zo"
 
-    def __init__(self, sampler, ensemble, neighbors: int = 4, lam: float = 0.95, batch_size: int | None = None):
+    def __init__(self, sampler, ensemble, neighbors: int = ZO_DEFAULTS["neighbors"], lam: float = ZO_DEFAULTS["lam"],
+                 batch_size: int | None = None):
         super().__init__(sampler, ensemble, batch_size)
         if isinstance(neighbors, bool) or not isinstance(neighbors, int) or neighbors < 1:
             raise ConfigError(f"neighbors must be a whole number >= 1, got {neighbors!r}")
@@ -335,18 +341,31 @@ class ZeroOrderSearch(Search):
         return state if run.can_afford(K) else None
 
 # %% ../nbs/06_search.ipynb #70d5d362
+#: The defaults of path search: `paths` N, `per_path` M, and the schedule as fractions of the K steps
+PATH_DEFAULTS = dict(paths=2, per_path=3, start=0.6, forward=0.4, backward=0.48)
+
+
+def path_steps(K: int, start: float, forward: float, backward: float) -> dict:
+    "Returns `start_step`, `forward` and `backward` in steps of a `K`-step schedule from fractions of it."
+    start_step = max(1, min(K - 1, round(start * K)))
+    fwd = max(1, min(start_step, round(forward * K)))
+    return {"start_step": start_step, "forward": fwd, "backward": max(fwd + 1, round(backward * K))}
+
+
 class PathSearch(Search):
     "Search over paths: re-noise survivors `forward` steps back, denoise `backward` steps, keep the best `paths`."
     algo = "paths"
 
-    def __init__(self, sampler, ensemble, paths: int = 2, per_path: int = 4, start_step: int | None = None,
+    def __init__(self, sampler, ensemble, paths: int = PATH_DEFAULTS["paths"], per_path: int = PATH_DEFAULTS["per_path"],
+                 start_step: int | None = None,
                  forward: int | None = None, backward: int | None = None, batch_size: int | None = None):
         super().__init__(sampler, ensemble, batch_size)
         K = sampler.num_steps
         self.paths, self.per_path = int(paths), int(per_path)
-        self.start_step = int(round(0.4 * K)) if start_step is None else int(start_step)
-        self.forward = max(1, round(0.12 * K)) if forward is None else int(forward)
-        self.backward = max(self.forward + 1, round(0.2 * K)) if backward is None else int(backward)
+        d = path_steps(K, PATH_DEFAULTS["start"], PATH_DEFAULTS["forward"], PATH_DEFAULTS["backward"])
+        self.start_step = d["start_step"] if start_step is None else int(start_step)
+        self.forward = min(d["forward"], self.start_step) if forward is None else int(forward)
+        self.backward = max(self.forward + 1, d["backward"]) if backward is None else int(backward)
         if self.paths < 1 or self.per_path < 1:
             raise ConfigError(f"paths and per_path must be at least 1, got {paths} and {per_path}")
         if not 0 < self.start_step < K:
@@ -413,11 +432,15 @@ class PathSearch(Search):
         return {"x": moved[keep], "chains": [new_chains[k] for k in keep], "parents": [idx[k] for k in keep], "step": j}
 
 # %% ../nbs/06_search.ipynb #865765d8
+#: The default share of the budget that "both" gives zero-order search
+SPLIT_DEFAULT = 0.5
+
+
 class CombinedSearch(Search):
     "Both: zero-order search with `split` of the budget, then path search from its best noises with the rest."
     algo = "both"
 
-    def __init__(self, zero_order: ZeroOrderSearch, paths: PathSearch, split: float = 0.5):
+    def __init__(self, zero_order: ZeroOrderSearch, paths: PathSearch, split: float = SPLIT_DEFAULT):
         super().__init__(zero_order.sampler, zero_order.ensemble, zero_order.batch_size)
         if not 0 < split < 1:
             raise ConfigError(f"split is the zero-order share of the budget, in (0, 1); got {split}")
@@ -481,9 +504,10 @@ class MoreSteps(Search):
 ALGOS = ("random", "zo", "paths", "both", "steps")
 
 
-def make_search(algo: str, sampler, ensemble, batch_size: int | None = None, neighbors: int = 4, lam: float = 0.95,
-                paths: int = 2, per_path: int = 4, start_step: int | None = None, forward: int | None = None,
-                backward: int | None = None, split: float = 0.5) -> Search:
+def make_search(algo: str, sampler, ensemble, batch_size: int | None = None, neighbors: int = ZO_DEFAULTS["neighbors"],
+                lam: float = ZO_DEFAULTS["lam"], paths: int = PATH_DEFAULTS["paths"],
+                per_path: int = PATH_DEFAULTS["per_path"], start_step: int | None = None, forward: int | None = None,
+                backward: int | None = None, split: float = SPLIT_DEFAULT) -> Search:
     "Returns the search called `algo` (one of `ALGOS`) with its hyper-parameters."
     if algo == "random":
         return RandomSearch(sampler, ensemble, batch_size)

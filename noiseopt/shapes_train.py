@@ -88,16 +88,19 @@ def noise_schedule_config() -> dict:
                 clip_sample=True, clip_sample_range=1.0)
 
 def sampling_scheduler():
-    """Returns the DDIM scheduler the shapes model samples with: trailing spacing, x0 clipped to [-1, 1].
+    """Returns the DDIM scheduler the shapes model samples with: leading spacing, x0 clipped to [-1, 1].
 
     The clipping is DDIM's dynamic thresholding with `sample_max_value=1`, which is exactly clipping:
     `StableDiffusionPipeline` resets `clip_sample` to False on load, and without clipping the first
-    step (where the cosine schedule leaves almost no signal) blows the x0 estimate up."""
+    step (where the cosine schedule leaves almost no signal) blows the x0 estimate up. Leading
+    spacing (first step at t = 961, not 999 as with trailing) passed the checker on 31.7% of 240
+    samples of 60 training prompts against 25.0% with trailing and 26.7% with linspace, at guidance
+    2 (guidance 1.5: 30.8%, 3: 15.0%); held-out prompts played no part in the choice."""
     from diffusers import DDIMScheduler
 
     config = {**noise_schedule_config(), "clip_sample": False}
     return DDIMScheduler(**config, thresholding=True, dynamic_thresholding_ratio=0.995, sample_max_value=1.0,
-                         timestep_spacing="trailing", set_alpha_to_one=True)
+                         timestep_spacing="leading", steps_offset=1, set_alpha_to_one=True)
 
 # %% ../nbs/04_shapes_train.ipynb #add02b40
 def _blur(x, s, rng):
