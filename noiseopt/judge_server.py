@@ -123,6 +123,7 @@ class FakeJudgeServer:
     # --- answering -----------------------------------------------------------------------------------------------
     def _send(self, h, status: int, payload: dict | str, headers: dict | None = None) -> None:
         data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
+        self._release(h)  # the client may send its next request as soon as these bytes arrive
         h.send_response(status)
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", str(len(data)))
@@ -135,6 +136,7 @@ class FakeJudgeServer:
         self._send(h, status, {"error": {"message": message, "type": kind, "code": None}}, headers)
 
     def _handle(self, h) -> None:
+        h.in_flight_released = False  # a keep-alive connection's handler serves many requests
         with self.lock:
             self.requests += 1
             n = self.requests
@@ -143,9 +145,14 @@ class FakeJudgeServer:
         try:
             self._answer(h, n)
         finally:
-            if not getattr(h, "in_flight_released", False):
-                with self.lock:
-                    self.in_flight -= 1
+            self._release(h)
+
+    def _release(self, h) -> None:
+        "Ends a request's time in flight (once): when its answer is about to go out, or its client is gone."
+        if not getattr(h, "in_flight_released", False):
+            h.in_flight_released = True
+            with self.lock:
+                self.in_flight -= 1
 
     def _answer(self, h, n: int) -> None:
         import hashlib
@@ -169,18 +176,17 @@ class FakeJudgeServer:
         if fault == "500":
             return self._error(h, 500, "The server had an error.", "server_error")
         if fault == "drop":
+            self._release(h)
             h.close_connection = True
             return None
         if fault == "slow":  # answer late; a client that gave up (its timeout) no longer counts as in flight
             end = time.monotonic() + self.slow_seconds
             while time.monotonic() < end:
                 if _client_gone(h.connection):
-                    with self.lock:
-                        self.in_flight -= 1
-                    h.in_flight_released = True
+                    self._release(h)
                     h.close_connection = True
                     return None
-                time.sleep(0.02)
+                time.sleep(0.002)
         if image is None or prompt is None:
             return self._error(h, 400, "expected an image_url part and a text part with Prompt: \"...\"",
                                "invalid_request_error")

@@ -44,9 +44,9 @@ def test_cli_help_and_errors():
 def test_extras_are_declared():
     meta = importlib.metadata.metadata("noiseopt")
     extras = set(meta.get_all("Provides-Extra"))
-    assert {"gpt", "dev", "all"} <= extras
+    assert {"openai", "dev", "all"} <= extras
     requires = meta.get_all("Requires-Dist")
-    assert any(r.startswith("openai") and 'extra == "gpt"' in r for r in requires)
+    assert any(r.startswith("openai") and 'extra == "openai"' in r for r in requires)
     assert any(r.startswith("diffusers") and "extra" not in r for r in requires)
 
 
