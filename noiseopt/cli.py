@@ -69,13 +69,18 @@ def cmd_shapes_train(args: argparse.Namespace) -> int:
 def cmd_shapes_eval(args: argparse.Namespace) -> int:
     "Evaluates the shapes models on shapes-eval and prints the report (and writes it as JSON with `--json`)."
     from noiseopt.shapes import SHAPES_EVAL, load
-    from noiseopt.shapes_train import evaluate, format_report
+    from noiseopt.shapes_train import evaluate, format_report, train_prompts, with_settings
 
-    if args.samples < 1 or args.prompts < 1:
+    n = args.prompts if args.prompts is not None else (200 if args.split == "eval" else 60)
+    if args.samples < 1 or n < 1:
         raise NoiseoptError("--samples and --prompts must be at least 1")
-    models = load(args.path)
-    report = evaluate(models, prompts=SHAPES_EVAL[: args.prompts], samples=args.samples, seed=args.seed,
-                      timing=not args.no_timing, log=lambda m: print(m, file=sys.stderr))
+    if args.guidance is not None and args.guidance < 1:
+        raise NoiseoptError(f"--guidance must be at least 1 (1 turns guidance off), got {args.guidance}")
+    prompts = SHAPES_EVAL[:n] if args.split == "eval" else train_prompts(n)
+    models = with_settings(load(args.path), guidance_scale=args.guidance, spacing=args.spacing)
+    report = evaluate(models, prompts=prompts, samples=args.samples, seed=args.seed, timing=not args.no_timing,
+                      log=lambda m: print(m, file=sys.stderr),
+                      prompt_set="shapes-eval" if args.split == "eval" else "training prompts")
     print(format_report(report))
     _write_json(args.json, report)
     return 0
@@ -104,7 +109,14 @@ def _add_shapes(sub) -> None:
                                      "print pass rates per construction, best-of-N by CLIP, AUCs and timings.")
     ev.add_argument("--path", default=None, help="folder written by `noiseopt shapes train` (default: the shipped weights)")
     ev.add_argument("--samples", type=int, default=8, help="samples per prompt (default 8)")
-    ev.add_argument("--prompts", type=int, default=200, help="how many of the 200 shapes-eval prompts (default all)")
+    ev.add_argument("--split", choices=("eval", "train"), default="eval",
+                    help="eval: the held-out shapes-eval prompts (default); train: training prompts mixed like them, "
+                         "to choose sampler settings without touching the held-out ones")
+    ev.add_argument("--prompts", type=int, default=None,
+                    help="how many prompts (default: all 200 of shapes-eval, or 60 training prompts)")
+    ev.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's 2)")
+    ev.add_argument("--spacing", choices=("leading", "trailing", "linspace"), default=None,
+                    help="DDIM timestep spacing (default: the model's, leading)")
     ev.add_argument("--seed", type=int, default=0, help="seed of the samples (default 0)")
     ev.add_argument("--json", default=None, help="also write the full report, every sample's scores, to this file")
     ev.add_argument("--no-timing", action="store_true", help="skip the sampling-time measurement")
@@ -215,18 +227,24 @@ def _add_search(sub) -> None:
     p.set_defaults(func=cmd_search)
 
 # %% ../nbs/90_cli.ipynb #c1b7d600
+def _algos_and_counts(args: argparse.Namespace, known) -> list[str]:
+    "Returns the algorithms named by `--algos` after checking them against `known`, and `--prompts`, `--budget-samples`."
+    algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+    unknown = [a for a in algos if a not in known]
+    if unknown or not algos:
+        raise NoiseoptError(f"unknown algorithm(s) {unknown}: use some of {', '.join(known)}")
+    if args.prompts < 1 or args.budget_samples < 1 or args.stride < 1:
+        raise NoiseoptError("--prompts, --budget-samples and --stride must be at least 1")
+    return algos
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     "Runs every algorithm on the first `--prompts` shapes-eval prompts (every `--stride`-th) at one budget; prints the table."
     from noiseopt.bench import compare, format_comparison
     from noiseopt.search import ALGOS
     from noiseopt.shapes import SHAPES_EVAL
 
-    algos = [a.strip() for a in args.algos.split(",") if a.strip()]
-    unknown = [a for a in algos if a not in ALGOS]
-    if unknown or not algos:
-        raise NoiseoptError(f"unknown algorithm(s) {unknown}: use some of {', '.join(ALGOS)}")
-    if args.prompts < 1 or args.budget_samples < 1:
-        raise NoiseoptError("--prompts and --budget-samples must be at least 1")
+    algos = _algos_and_counts(args, ALGOS)
     prompts = list(SHAPES_EVAL[:: args.stride])[: args.prompts]
     report = compare(prompts, algos, budget_samples=args.budget_samples, seed=args.seed,
                      log=lambda m: print(m, file=sys.stderr))
@@ -253,12 +271,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from noiseopt.bench import SWEEP_GRID, format_sweep, sweep
     from noiseopt.shapes import SHAPES_EVAL
 
-    algos = [a.strip() for a in args.algos.split(",") if a.strip()]
-    unknown = [a for a in algos if a not in SWEEP_GRID]
-    if unknown or not algos:
-        raise NoiseoptError(f"no sweep for algorithm(s) {unknown}: use some of {', '.join(SWEEP_GRID)}")
-    if args.prompts < 1 or args.budget_samples < 1:
-        raise NoiseoptError("--prompts and --budget-samples must be at least 1")
+    algos = _algos_and_counts(args, SWEEP_GRID)
     prompts = list(SHAPES_EVAL[args.offset :: args.stride])[: args.prompts]
     report = sweep(prompts, {a: SWEEP_GRID[a] for a in algos}, budget_samples=args.budget_samples, seed=args.seed,
                    log=lambda m: print(m, file=sys.stderr))

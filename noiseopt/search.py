@@ -296,7 +296,7 @@ def rebuild_noise(sampler, chain: Sequence[int], lam: float) -> torch.Tensor:
 
 
 #: The defaults of zero-order search
-ZO_DEFAULTS = dict(neighbors=4, lam=0.95)
+ZO_DEFAULTS = dict(neighbors=4, lam=0.8)
 
 
 class ZeroOrderSearch(Search):
@@ -384,6 +384,12 @@ class PathSearch(Search):
     def min_budget(self) -> int:
         return self.paths * self.steps
 
+    def one_round_cost(self, n: int | None = None) -> int:
+        "Returns the NFEs that `n` paths (default `paths`) need to start, run one round and finish."
+        n, K, s = n or self.paths, self.steps, self.start_step
+        j = min(K, s - self.forward + self.backward)
+        return n * s + n * self.per_path * (j - s + self.forward + (1 if j < K else 0)) + n * (K - j)
+
     def start_from(self, run, x: torch.Tensor, chains, parents) -> dict:
         "Denoises initial noises `x` to `start_step`; returns the path state."
         N, s = len(x), self.start_step
@@ -457,7 +463,9 @@ class CombinedSearch(Search):
 
     def begin(self, run):
         total, N, K = run.budget.total, self.paths.paths, self.steps
-        run.cap = min(max(K, int(self.split * total)), total - N * K)
+        # the path phase keeps enough for one round where the budget allows it (else it only finishes its paths)
+        one_round = self.paths.one_round_cost()
+        run.cap = min(max(K, int(self.split * total)), total - (one_round if total - one_round >= K else N * K))
         return {"phase": "zo", "inner": self.zero_order.begin(run)}
 
     def advance(self, run, state):

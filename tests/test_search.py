@@ -223,3 +223,17 @@ def test_candidates_record_the_nfes_spent_when_made(sampler):
     assert [n for n, _ in points] == [10, 20, 30, 40, 50, 60]
     utils = [res.candidates[b].utility for _, b in points]
     assert utils == sorted(utils) and points[-1][1] == res.best_index
+
+
+@pytest.mark.parametrize("budget", [44, 60, 90])
+def test_both_leaves_the_paths_a_round(sampler, budget):
+    ens = Ensemble([Bright(), Red()])
+    paths = PathSearch(sampler, ens, paths=2, per_path=2, start_step=4, forward=2, backward=3)
+    one_round = paths.one_round_cost()
+    # the cost by hand: 2 paths to step 4, 4 candidates from step 2 to 5 and their x0 NFE, then 2 x 5 steps to finish
+    assert one_round == 2 * 4 + 4 * (5 - 2 + 1) + 2 * 5 == 34
+    res = CombinedSearch(ZeroOrderSearch(sampler, ens, neighbors=2, lam=0.8), paths, split=0.75).run("a cat", budget)
+    first_round = next(i for i, c in enumerate(res.candidates) if not c.info.get("full"))  # scored on x0: a path round
+    zo_spent = res.candidates[first_round - 1].nfe  # the last zero-order candidate (paths record only after a round)
+    assert zo_spent <= budget - one_round and res.nfe <= budget, (zo_spent, res.nfe)
+    assert zo_spent >= min(budget - one_round, int(0.75 * budget)) - sampler.num_steps  # its share, less a sample

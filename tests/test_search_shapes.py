@@ -17,12 +17,7 @@ def comparison():
     return compare(PROMPTS, ("random", "zo", "paths", "both"), budget_samples=8, seed=100, log=None)
 
 
-NOISY = pytest.mark.xfail(reason="best-of-8 by the ensemble left checker accuracy unchanged on these 16 prompts with the "
-                                  "leading-spacing sampler (2 prompts up, 2 down; +15.9 points on all 200 shapes-eval "
-                                  "prompts by CLIP alone, +25 on noiseopt bench's 16): too few prompts to show it", strict=False)
-
-
-@pytest.mark.parametrize("algo", [pytest.param("random", marks=NOISY), "zo", "paths", "both"])
+@pytest.mark.parametrize("algo", ["random", "zo", "paths", "both"])
 def test_search_beats_the_first_noise(comparison, algo):
     rows = comparison["algos"][algo]["rows"]
     assert len(rows) == 16 and all(r["nfe"] <= comparison["budget"] for r in rows)
@@ -63,6 +58,19 @@ def test_cli_search_writes_its_files(tmp_path):
 def test_cli_search_errors(args, tmp_path):
     bad = run(*args, "--out", str(tmp_path / "o"), "--quiet")
     assert bad.returncode == 2, (args, bad.stdout, bad.stderr)
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("noiseopt: error:") and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ("bench", "--algos", "random,genetic"),
+    ("bench", "--prompts", "0"),
+    ("sweep", "--algos", "steps"),  # the sweep has no grid for the baseline
+    ("sweep", "--stride", "0"),
+])
+def test_cli_bench_and_sweep_errors(args):
+    bad = run(*args)
+    assert bad.returncode == 2 and bad.stdout == "", (args, bad.stdout, bad.stderr)
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("noiseopt: error:") and "Traceback" not in bad.stderr
 
