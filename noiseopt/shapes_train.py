@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from .core import ConfigError
-from .shapes import COLORS, SHAPES, caption, perturb, render, scenes
+from .shapes import COLORS, POSITIONS, RELATIONS, SHAPES, Spec, caption, perturb, render, scenes
 
 # %% auto #0
-__all__ = ['SPECIALS', 'WORDS', 'MAX_TOKENS', 'DEGRADATIONS', 'RESTART_AT', 'PHASE2_WEIGHTS', 'DEFAULT_STEPS', 'shapes_tokenizer',
-           'text_config', 'build_unet', 'build_text_encoder', 'build_clip', 'noise_schedule_config',
-           'sampling_scheduler', 'degrade', 'model_lr', 'train_model', 'train_clip', 'train', 'sample_prompt',
-           'evaluate', 'format_report', 'verdict_grid']
+__all__ = ['SPECIALS', 'WORDS', 'MAX_TOKENS', 'DEGRADATIONS', 'RESTART_AT', 'PHASE2_WEIGHTS', 'CLIP_WEIGHTS', 'DEFAULT_STEPS',
+           'shapes_tokenizer', 'text_config', 'build_unet', 'build_text_encoder', 'build_clip', 'noise_schedule_config',
+           'sampling_scheduler', 'degrade', 'model_lr', 'train_model', 'negative_render', 'train_clip', 'train',
+           'train_prompts', 'with_settings', 'sample_prompt', 'evaluate', 'format_report', 'verdict_grid']
 
 # %% ../nbs/04_shapes_train.ipynb #0286e354
 SPECIALS = ["[PAD]", "[UNK]", "<bos>", "<eos>"]
@@ -92,10 +92,13 @@ def sampling_scheduler():
 
     The clipping is DDIM's dynamic thresholding with `sample_max_value=1`, which is exactly clipping:
     `StableDiffusionPipeline` resets `clip_sample` to False on load, and without clipping the first
-    step (where the cosine schedule leaves almost no signal) blows the x0 estimate up. Leading
-    spacing (first step at t = 961, not 999 as with trailing) passed the checker on 31.7% of 240
-    samples of 60 training prompts against 25.0% with trailing and 26.7% with linspace, at guidance
-    2 (guidance 1.5: 30.8%, 3: 15.0%); held-out prompts played no part in the choice."""
+    step (where the cosine schedule leaves almost no signal) blows the x0 estimate up.
+
+    Leading spacing (first step at t = 961, not 999 as with trailing) was chosen on training prompts:
+    `noiseopt shapes eval --split train --samples 4 --no-timing --spacing S --guidance G` (60 prompts x 4 samples,
+    mixed like shapes-eval) passes the checker on 30.4% with leading spacing at guidance 2, 23.8% with trailing and
+    25.0% with linspace; leading at guidance 1.5 gives 32.9% (within the noise of 2: about 3 points of standard
+    error at 240 samples) and at 3, 12.9%. Held-out prompts play no part in the choice."""
     from diffusers import DDIMScheduler
 
     config = {**noise_schedule_config(), "clip_sample": False}
@@ -156,8 +159,19 @@ def _cutoff(x, s, rng):
     return out
 
 
+def _tint(x, s, rng):
+    color = torch.from_numpy(rng.uniform(0.1, 0.9, size=3).astype(np.float32)).view(3, 1, 1)
+    return x * (1 - (0.15 + 0.45 * s)) + color * (0.15 + 0.45 * s)
+
+
+def _mottle(x, s, rng):
+    field = torch.from_numpy(rng.normal(0, 0.05 + 0.2 * s, size=(1, 3, 4, 4)).astype(np.float32))
+    return x + F.interpolate(field, size=x.shape[1:], mode="bilinear", align_corners=False)[0]
+
+
 DEGRADATIONS: dict[str, Callable] = {"blur": _blur, "noise": _noise, "speckle": _speckle, "blotches": _blotches,
-                                      "bleed": _bleed, "jitter": _jitter, "cutoff": _cutoff}
+                                      "bleed": _bleed, "jitter": _jitter, "cutoff": _cutoff, "tint": _tint,
+                                      "mottle": _mottle}
 
 
 def degrade(images: torch.Tensor, rng: np.random.Generator, p_clean: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,7 +314,7 @@ def train_model(out: Path, steps: int, seed: int, deadline: float, log: _Log, ba
     unet.load_state_dict(ema["unet"])
     text.load_state_dict(ema["text"])
     sched = sampling_scheduler()
-    pipe = StableDiffusionPipeline(unet=unet.eval(), vae=None, text_encoder=text.eval(), tokenizer=tokenizer,
+    pipe = StableDiffusionPipeline(unet=unet.eval(), vae=None, text_encoder=text.eval(), tokenizer=shapes_tokenizer(),
                                    scheduler=sched, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(out / "model")
@@ -308,9 +322,54 @@ def train_model(out: Path, steps: int, seed: int, deadline: float, log: _Log, ba
     return True
 
 # %% ../nbs/04_shapes_train.ipynb #3653119b
+def _add_copy(canvas: np.ndarray, obj: tuple[str, str], rng: np.random.Generator) -> bool:
+    "Draws one more `obj` where the canvas shows only background; returns whether it found room."
+    from noiseopt.shapes import SIZE, _draw, _jitter
+
+    free = (canvas == canvas[0, 0]).all(-1)
+    size = int(rng.integers(7, 12))
+    h = size // 2 + 2
+    for _ in range(200):
+        cx, cy = rng.uniform(h, SIZE - h, size=2)
+        y0, x0 = int(cy) - h, int(cx) - h
+        if free[max(0, y0) : y0 + 2 * h + 1, max(0, x0) : x0 + 2 * h + 1].all():
+            _draw(canvas, obj[1], cx, cy, size, _jitter(rng, COLORS[obj[0]]))
+            return True
+    return False
+
+
+def negative_render(spec: Spec, rng: np.random.Generator) -> np.ndarray:
+    """Returns a `32 x 32 x 3` scene that the caption of `spec` does not describe: with one attribute changed, with one
+    more copy of a named object (the commonest fault of generated images), for two objects with one left out, and for
+    a position or relation with the objects placed otherwise (the attribute a tiny CLIP learns last)."""
+    kinds = ["changed", "extra"] + (["dropped"] if spec.construction in ("two", "relation") else [])
+    kinds += ["moved"] if spec.construction in ("position", "relation") else []
+    kind = kinds[int(rng.integers(len(kinds)))]
+    if kind == "dropped":
+        return render(Spec("single", (spec.objects[int(rng.integers(2))],)), rng)
+    if kind == "moved":
+        if spec.position:
+            return render(Spec("position", spec.objects, position=rng.choice([p for p in POSITIONS if p != spec.position])), rng)
+        return render(Spec("relation", spec.objects, relation=rng.choice([r for r in RELATIONS if r != spec.relation])), rng)
+    if kind == "extra":
+        canvas = render(spec, rng)
+        if _add_copy(canvas, spec.objects[int(rng.integers(len(spec.objects)))], rng):
+            return canvas
+    return render(perturb(spec, rng), rng)
+
+
+#: Constructions in the CLIP's batches: the spatial ones, which generated images most often get wrong, more often.
+CLIP_WEIGHTS = {"single": 0.5, "position": 1.5, "two": 1.0, "relation": 2.0, "count": 0.5}
+
+
 def train_clip(out: Path, steps: int, seed: int, deadline: float, log: _Log, batch_size: int = 64, lr: float = 2e-3,
                quality_weight: float = 1.0) -> bool:
-    "Trains the tiny CLIP and the aesthetic head; saves `out/clip` and `out/aesthetic.safetensors`; returns whether it finished."
+    """Trains the tiny CLIP and the aesthetic head; saves `out/clip` and `out/aesthetic.safetensors`; returns whether it finished.
+
+    Hard negatives go both ways. Each image is contrasted with every caption of the batch and with its own caption
+    with one attribute changed (which image does this caption describe?), and each caption with every image of the
+    batch and with a `negative_render` of its scene: which of these images does this caption describe? The
+    second direction is the verifier's job in a search, where one prompt ranks many images."""
     from safetensors.torch import save_file
     from transformers import CLIPImageProcessor
 
@@ -322,16 +381,17 @@ def train_clip(out: Path, steps: int, seed: int, deadline: float, log: _Log, bat
 
     def loss_fn(step: int) -> torch.Tensor:
         rng = np.random.default_rng([seed, 2, step])
-        images, texts, specs = scenes(batch_size, seed=int(rng.integers(2**62)))
+        images, texts, specs = scenes(batch_size, seed=int(rng.integers(2**62)), weights=CLIP_WEIGHTS)
         negatives = [caption(perturb(s, rng), short_relation=bool(rng.integers(2))) for s in specs]
-        images, quality = degrade(images, rng)
-        pixels = clip_preprocess(images, 32)
-        img = F.normalize(clip.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+        wrong = torch.from_numpy(np.stack([negative_render(s, rng) for s in specs]))
+        images, quality = degrade(torch.cat([images, wrong.permute(0, 3, 1, 2).float() / 255]), rng)
+        img = F.normalize(clip.get_image_features(pixel_values=clip_preprocess(images, 32)).pooler_output, dim=-1)
         txt = F.normalize(clip.get_text_features(input_ids=_tokens(tokenizer, texts + negatives)).pooler_output, dim=-1)
         scale = clip.logit_scale.exp().clamp(max=100)
-        logits = scale * img @ txt.T  # each image against every caption and every hard negative
         target = torch.arange(batch_size)
-        contrastive = (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :batch_size].T, target)) / 2
+        image_to_text = scale * img[:batch_size] @ txt.T  # every caption and every changed caption
+        text_to_image = scale * txt[:batch_size] @ img.T  # every image and every negative scene
+        contrastive = (F.cross_entropy(image_to_text, target) + F.cross_entropy(text_to_image, target)) / 2
         aesthetic = F.mse_loss(head(img), quality) / 10
         return contrastive + quality_weight * aesthetic
 
@@ -342,7 +402,7 @@ def train_clip(out: Path, steps: int, seed: int, deadline: float, log: _Log, bat
     clip.load_state_dict(ema["clip"])
     head.load_state_dict(ema["head"])
     clip.eval().save_pretrained(out / "clip")
-    tokenizer.save_pretrained(out / "clip")
+    shapes_tokenizer().save_pretrained(out / "clip")  # a fresh one: the training calls leave padding state in it
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=list(OPENAI_CLIP_MEAN),
                        image_std=list(OPENAI_CLIP_STD)).save_pretrained(out / "clip")
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out / "aesthetic.safetensors"))
@@ -350,7 +410,7 @@ def train_clip(out: Path, steps: int, seed: int, deadline: float, log: _Log, bat
     return True
 
 # %% ../nbs/04_shapes_train.ipynb #d1e3bc17
-DEFAULT_STEPS = {"model": 11000, "clip": 3000}
+DEFAULT_STEPS = {"model": 11000, "clip": 5000}
 
 
 def train(out: str | Path, minutes: float = 90.0, seed: int = 0, parts: tuple[str, ...] = ("model", "clip"),
@@ -383,6 +443,37 @@ def _auc(pos: list[float], neg: list[float]) -> float:
     return float((p > n).mean() + 0.5 * (p == n).mean())
 
 
+def train_prompts(n: int = 60, seed: int = 0) -> list[str]:
+    """Returns `n` distinct captions of *training* specs, constructions mixed as in `shapes-eval`: the prompts on which
+    sampler settings are chosen, so that the held-out prompts play no part in the choice."""
+    from noiseopt.shapes import EVAL_COUNTS, TRAIN_SPECS, random_spec
+
+    rng = np.random.default_rng([seed, 11])
+    specs: list = []
+    while len(specs) < min(n, len(TRAIN_SPECS)):
+        spec = random_spec(rng, TRAIN_SPECS, weights=EVAL_COUNTS)
+        if spec not in specs:
+            specs.append(spec)
+    return [caption(s) for s in specs]
+
+
+def with_settings(models, guidance_scale: float | None = None, spacing: str | None = None):
+    "Returns `models` with its sampler's guidance scale and DDIM timestep spacing changed where given."
+    from diffusers import DDIMScheduler
+
+    from noiseopt.samplers import DiffusersSampler
+
+    s = models.sampler
+    if guidance_scale is None and spacing is None:
+        return models
+    if spacing not in (None, "leading", "trailing", "linspace"):
+        raise ConfigError(f"unknown timestep spacing {spacing!r}: use leading, trailing or linspace")
+    scheduler = s.scheduler if spacing is None else DDIMScheduler.from_config(s.pipe.scheduler.config, timestep_spacing=spacing)
+    models.sampler = DiffusersSampler(s.pipe, num_steps=s.num_steps, batch_size=s.batch_size, scheduler=scheduler,
+                                      guidance_scale=s.guidance_scale if guidance_scale is None else guidance_scale)
+    return models
+
+
 def sample_prompt(models, prompt: str, seeds: list[int]):
     "Returns images, CLIP scores, aesthetic scores and verdicts for one prompt's samples."
     from noiseopt.shapes import check
@@ -393,7 +484,8 @@ def sample_prompt(models, prompt: str, seeds: list[int]):
     return images, models.clip.score(images, prompts), models.aesthetic.score(images, prompts), [check(im, prompt) for im in images]
 
 
-def evaluate(models=None, prompts=None, samples: int = 8, seed: int = 0, timing: bool = True, log=print) -> dict:
+def evaluate(models=None, prompts=None, samples: int = 8, seed: int = 0, timing: bool = True, log=print,
+             prompt_set: str = "shapes-eval") -> dict:
     "Returns the evaluation of the shapes models on `prompts` (default `SHAPES_EVAL`): pass rates, AUCs, timings."
     from noiseopt.shapes import CONSTRUCTIONS, EVAL_SPECS, SHAPES_EVAL, load, parse
 
@@ -418,7 +510,11 @@ def evaluate(models=None, prompts=None, samples: int = 8, seed: int = 0, timing:
                 "oracle": float(passed.max(1).mean()), "clip_auc": float(np.mean(aucs)) if aucs else float("nan"),
                 "auc_prompts": len(aucs)}
 
-    report = {"samples": samples, "seed": seed, "overall": summary(rows),
+    sampler = models.sampler
+    report = {"prompt_set": prompt_set, "samples": samples, "seed": seed,
+              "sampler": {"num_steps": sampler.num_steps, "guidance_scale": sampler.guidance_scale,
+                          "spacing": sampler.scheduler.config.get("timestep_spacing")},
+              "overall": summary(rows),
               "by_construction": {c: summary([r for r in rows if r["construction"] == c])
                                   for c in CONSTRUCTIONS if any(r["construction"] == c for r in rows)}}
     # the aesthetic head: clean renders above degraded ones, and agreement with the checker on samples
@@ -452,7 +548,11 @@ def evaluate(models=None, prompts=None, samples: int = 8, seed: int = 0, timing:
 
 def format_report(report: dict) -> str:
     "Returns the evaluation report as a markdown table and a few lines of figures."
-    lines = [f"shapes eval: {report['overall']['prompts']} prompts x {report['samples']} samples, seed {report['seed']}", "",
+    sampler = report.get("sampler", {})
+    settings = (f" ({sampler['num_steps']} steps, guidance {sampler['guidance_scale']:g}, {sampler['spacing']} spacing)"
+                if sampler else "")
+    lines = [f"{report.get('prompt_set', 'shapes-eval')}: {report['overall']['prompts']} prompts x {report['samples']} "
+             f"samples, seed {report['seed']}{settings}", "",
              "| construction | prompts | single | best-of-%d clip | oracle | clip AUC (prompts) |" % report["samples"],
              "| --- | --- | --- | --- | --- | --- |"]
     for name, s in [*report["by_construction"].items(), ("overall", report["overall"])]:

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from noiseopt.core import ModelNotFoundError, PromptError
+from noiseopt.core import ConfigError, ModelNotFoundError, PromptError
 from noiseopt.shapes import (CONSTRUCTIONS, EVAL_SPECS, SHAPES_EVAL, TRAIN_SPECS, all_specs, assets_path, caption,
                              check, checker_rates, parse, perturb, random_spec, render, scenes)
+from noiseopt.shapes_train import train_prompts
 
 
 def test_generator_is_seeded_and_captions_follow_the_grammar():
@@ -61,6 +62,30 @@ def test_checker_parts():
         assert changed != spec and parse(caption(changed)) == changed
 
 
+def test_train_prompts_are_training_captions_mixed_like_shapes_eval():
+    prompts = train_prompts(60)
+    specs = [parse(p) for p in prompts]
+    assert len(set(specs)) == 60 and not set(specs) & set(EVAL_SPECS) and prompts == train_prompts(60)
+    counts = {c: sum(s.construction == c for s in specs) for c in CONSTRUCTIONS}
+    assert counts["relation"] > counts["two"] > counts["position"] > max(counts["single"], counts["count"]), counts
+
+
+def test_negative_renders_make_the_caption_false():
+    from noiseopt.shapes_train import negative_render
+
+    rng = np.random.default_rng(5)
+    passed, extra, dropped = 0, 0, 0
+    for _ in range(300):
+        spec = random_spec(rng)
+        verdict = check(negative_render(spec, rng), caption(spec))
+        passed += verdict.passed
+        extra += verdict.objects and not verdict.count  # every named object there, one of them twice
+        dropped += not verdict.objects
+    # the checker passes about 1% of one-attribute-changed captions on clean scenes; the same bound holds here
+    assert passed <= 6, passed
+    assert extra >= 50 and dropped >= 20, (extra, dropped)
+
+
 @pytest.fixture(scope="module")
 def models():
     from noiseopt.shapes import load
@@ -81,6 +106,17 @@ def test_shipped_weights_load_offline(models):
     with pytest.raises(ModelNotFoundError, match="noiseopt shapes train"):
         from noiseopt.shapes import load
         load("/nonexistent/shapes")
+
+
+def test_sampler_settings_can_be_changed(models):
+    from noiseopt.shapes_train import with_settings
+
+    changed = with_settings(copy.copy(models), guidance_scale=3.0, spacing="trailing")
+    assert changed.sampler is not models.sampler and changed.sampler.guidance_scale == 3.0
+    assert int(models.sampler.timesteps[0]) == 961 and int(changed.sampler.timesteps[0]) == 999  # leading vs trailing
+    assert with_settings(models) is models and models.sampler.guidance_scale == 2.0
+    with pytest.raises(ConfigError, match="spacing"):
+        with_settings(copy.copy(models), spacing="karras")
 
 
 def test_trained_model_beats_untrained(models):
@@ -149,8 +185,16 @@ def test_cli_shapes_eval_and_errors(tmp_path):
               "--json", str(tmp_path / "r.json"))
     assert out.returncode == 0, out.stderr
     assert "| overall | 3 |" in out.stdout and "aesthetic: AUC" in out.stdout
+    assert out.stdout.startswith("shapes-eval: 3 prompts x 2 samples, seed 0 (25 steps, guidance 2, leading spacing)")
     assert (tmp_path / "r.json").is_file()
+    train = run("noiseopt", "shapes", "eval", "--split", "train", "--prompts", "2", "--samples", "2", "--no-timing",
+                "--guidance", "1.5", "--spacing", "trailing", "--json", str(tmp_path / "t.json"))
+    assert train.returncode == 0, train.stderr
+    assert train.stdout.startswith("training prompts: 2 prompts x 2 samples, seed 0 (25 steps, guidance 1.5, trailing")
+    import json
+    assert [r["prompt"] for r in json.loads((tmp_path / "t.json").read_text())["rows"]] == train_prompts(2)
     for args in (("shapes", "eval", "--samples", "0"), ("shapes", "eval", "--path", str(tmp_path / "none")),
+                 ("shapes", "eval", "--split", "train", "--guidance", "0.5"),
                  ("shapes", "train", "--out", str(tmp_path / "t"), "--minutes", "0"),
                  ("shapes", "train", "--out", str(tmp_path / "t"), "--parts", "vae")):
         bad = run("noiseopt", *args)
