@@ -458,7 +458,9 @@ def train_prompts(n: int = 60, seed: int = 0) -> list[str]:
 
 
 def with_settings(models, guidance_scale: float | None = None, spacing: str | None = None):
-    "Returns `models` with its sampler's guidance scale and DDIM timestep spacing changed where given."
+    "Returns a copy of `models` whose sampler has the guidance scale and DDIM timestep spacing given (`models` if none)."
+    import dataclasses
+
     from diffusers import DDIMScheduler
 
     from noiseopt.samplers import DiffusersSampler
@@ -469,9 +471,9 @@ def with_settings(models, guidance_scale: float | None = None, spacing: str | No
     if spacing not in (None, "leading", "trailing", "linspace"):
         raise ConfigError(f"unknown timestep spacing {spacing!r}: use leading, trailing or linspace")
     scheduler = s.scheduler if spacing is None else DDIMScheduler.from_config(s.pipe.scheduler.config, timestep_spacing=spacing)
-    models.sampler = DiffusersSampler(s.pipe, num_steps=s.num_steps, batch_size=s.batch_size, scheduler=scheduler,
-                                      guidance_scale=s.guidance_scale if guidance_scale is None else guidance_scale)
-    return models
+    sampler = DiffusersSampler(s.pipe, num_steps=s.num_steps, batch_size=s.batch_size, scheduler=scheduler,
+                               guidance_scale=s.guidance_scale if guidance_scale is None else guidance_scale)
+    return dataclasses.replace(models, sampler=sampler)
 
 
 def sample_prompt(models, prompt: str, seeds: list[int]):

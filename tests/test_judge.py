@@ -88,11 +88,13 @@ def test_a_search_with_the_judge_picks_among_scored_candidates(tmp_path, caplog)
     from noiseopt.shapes import load
 
     world = load()
-    failing = set()
+    seen, failing = [], set()
 
-    def plan(info):  # every other new image is refused for good
-        if info["attempt"] == 0 and len(failing) < 4 and info["n"] % 2 == 0:
-            failing.add(info["key"])
+    def plan(info):  # every other new image, in the order first asked about, is refused for good
+        if info["key"] not in seen:  # by images, not requests: retries interleave with first requests
+            seen.append(info["key"])
+            if len(seen) % 2 == 1 and len(failing) < 4:
+                failing.add(info["key"])
         return "refusal" if info["key"] in failing else None
 
     caplog.set_level(logging.DEBUG)

@@ -111,12 +111,13 @@ def test_shipped_weights_load_offline(models):
 def test_sampler_settings_can_be_changed(models):
     from noiseopt.shapes_train import with_settings
 
-    changed = with_settings(copy.copy(models), guidance_scale=3.0, spacing="trailing")
+    changed = with_settings(models, guidance_scale=3.0, spacing="trailing")
     assert changed.sampler is not models.sampler and changed.sampler.guidance_scale == 3.0
+    assert changed.clip is models.clip  # the verifiers are shared, the models' own sampler untouched
     assert int(models.sampler.timesteps[0]) == 961 and int(changed.sampler.timesteps[0]) == 999  # leading vs trailing
     assert with_settings(models) is models and models.sampler.guidance_scale == 2.0
     with pytest.raises(ConfigError, match="spacing"):
-        with_settings(copy.copy(models), spacing="karras")
+        with_settings(models, spacing="karras")
 
 
 def test_trained_model_beats_untrained(models):
