@@ -384,9 +384,9 @@ class PathSearch(Search):
     def min_budget(self) -> int:
         return self.paths * self.steps
 
-    def one_round_cost(self, n: int | None = None) -> int:
-        "Returns the NFEs that `n` paths (default `paths`) need to start, run one round and finish."
-        n, K, s = n or self.paths, self.steps, self.start_step
+    def one_round_cost(self) -> int:
+        "Returns the NFEs that the `paths` need to start, run one round and finish."
+        n, K, s = self.paths, self.steps, self.start_step
         j = min(K, s - self.forward + self.backward)
         return n * s + n * self.per_path * (j - s + self.forward + (1 if j < K else 0)) + n * (K - j)
 

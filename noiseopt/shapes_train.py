@@ -531,7 +531,6 @@ def evaluate(models=None, prompts=None, samples: int = 8, seed: int = 0, timing:
     report["aesthetic"] = {"auc_clean_vs_degraded": _auc(a_clean, a_bad), "corr_with_checker": corr,
                            "mean_clean": float(np.mean(a_clean)), "mean_degraded": float(np.mean(a_bad))}
     if timing:
-        sampler = models.sampler
         cond = sampler.condition(prompts[0])
         times = {}
         for batch in (1, 16):
