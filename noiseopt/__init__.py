@@ -7,6 +7,10 @@ __version__ = "0.0.1"
 __all__ = []
 
 # %% ../nbs/00a_package.ipynb #32b393fa
+from .registry import (list_models, list_searches, list_verifiers, register_model,  # noqa: F401
+                               register_search, register_verifier)
+
+
 def __getattr__(name: str):
     "Lazily serves `noiseopt.search_noise`, so that `import noiseopt` imports no model library."
     if name == "search_noise":

@@ -17,10 +17,11 @@ from .core import ConfigError, ModelNotFoundError, get_device
 
 # %% auto #0
 __all__ = ['OPENAI_CLIP_MEAN', 'OPENAI_CLIP_STD', 'IMAGEREWARD_MEAN', 'IMAGEREWARD_STD', 'IMAGEREWARD_VISION', 'IMAGEREWARD_TEXT',
-           'HPS_FILES', 'VERIFIER_NAMES', 'Verifier', 'clip_preprocess', 'pil_preprocess', 'resolve_file',
-           'load_state_dict', 'HFCLIPEncoder', 'OpenCLIPEncoder', 'CLIPScore', 'AestheticHead', 'AestheticScore',
-           'ImageRewardModel', 'imagereward_from_state_dict', 'imagereward_tokenizer', 'ImageReward', 'PickScore',
-           'HPSv2', 'CallableVerifier', 'load_verifier', 'load_verifiers']
+           'HPS_FILES', 'Verifier', 'clip_preprocess', 'pil_preprocess', 'resolve_file', 'load_state_dict',
+           'HFCLIPEncoder', 'OpenCLIPEncoder', 'CLIPScore', 'AestheticHead', 'AestheticScore', 'ImageRewardModel',
+           'imagereward_from_state_dict', 'imagereward_tokenizer', 'ImageReward', 'PickScore', 'HPSv2',
+           'CallableVerifier', 'clip_verifier', 'aesthetic_verifier', 'imagereward_verifier', 'pickscore_verifier',
+           'hps_verifier', 'load_verifier']
 
 # %% ../nbs/03_verifiers.ipynb #46418362
 @runtime_checkable
@@ -649,68 +650,41 @@ class CallableVerifier:
         return out
 
 # %% ../nbs/03_verifiers.ipynb #450cf4bb
-VERIFIER_NAMES = ("clip", "aesthetic", "imagereward", "pickscore", "hps", "gpt")
+def clip_verifier(path: str = "openai/clip-vit-large-patch14", open_clip: str | None = None, scale: float = 2.5,
+                  raw: bool = False, batch_size: int = 32, processor: str | None = None, device=None) -> CLIPScore:
+    "Returns the CLIP score over a transformers CLIP (`path`), or over open_clip model `path` with weights `open_clip`."
+    if open_clip is not None:
+        return CLIPScore.from_open_clip(path, open_clip, device=device, scale=scale, raw=raw, batch_size=batch_size)
+    return CLIPScore.from_pretrained(path, device=device, processor=processor, scale=scale, raw=raw, batch_size=batch_size)
 
 
-def _value(text: str):
-    "Returns an option's value: a bool, int or float when it reads as one, else the string."
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+def aesthetic_verifier(head: str = "trl-lib/ddpo-aesthetic-predictor", clip: str = "openai/clip-vit-large-patch14",
+                       filename: str = "aesthetic-model.pth", batch_size: int = 32, device=None) -> AestheticScore:
+    "Returns the LAION aesthetic score: the head (file, folder or hub repo) over the CLIP `clip`."
+    return AestheticScore.from_pretrained(head, clip, filename, device=device, batch_size=batch_size)
 
 
-def _parse_name(spec: str) -> tuple[str, dict]:
-    name, _, opts = spec.strip().partition(":")
-    kwargs = {}
-    for item in filter(None, (o.strip() for o in opts.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ConfigError(f"verifier option {item!r} of {spec!r} is not key=value")
-        kwargs[key.strip()] = _value(value.strip())
-    return name.strip().lower(), kwargs
+def imagereward_verifier(checkpoint: str = "THUDM/ImageReward", tokenizer: str = "bert-base-uncased",
+                         filename: str = "ImageReward.pt", batch_size: int = 16, device=None) -> ImageReward:
+    "Returns ImageReward from its original checkpoint (file, folder or hub repo) and a BERT tokenizer."
+    return ImageReward.from_pretrained(checkpoint, tokenizer, filename, device=device, batch_size=batch_size)
+
+
+def pickscore_verifier(path: str = "yuvalkirstain/PickScore_v1", processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+                       batch_size: int = 16, device=None) -> PickScore:
+    "Returns PickScore: its `CLIPModel` and its processor's tokenizer and preprocessing."
+    return PickScore.from_pretrained(path, processor, device=device, batch_size=batch_size)
+
+
+def hps_verifier(checkpoint: str = "xswu/HPSv2", version: str = "v2.1", model_name: str = "ViT-H-14",
+                 batch_size: int = 16, device=None) -> HPSv2:
+    "Returns HPSv2 (`version` v2 or v2.1): open_clip `model_name` with the HPS checkpoint."
+    return HPSv2.from_pretrained(checkpoint, version, model_name, device=device, batch_size=batch_size)
 
 
 def load_verifier(spec: str, device=None, **options):
-    "Returns the real verifier named by `spec` (`name` or `name:key=value,...`; `options` add to those), not yet loaded."
-    name, kw = _parse_name(spec)
-    kw.update(options)
-    if name == "clip":
-        if "open_clip" in kw:
-            return CLIPScore.from_open_clip(kw.pop("path", "ViT-H-14"), kw.pop("open_clip"), device=device, **kw)
-        return CLIPScore.from_pretrained(kw.pop("path", "openai/clip-vit-large-patch14"), device=device, **kw)
-    if name == "aesthetic":
-        return AestheticScore.from_pretrained(device=device, **kw)
-    if name == "imagereward":
-        return ImageReward.from_pretrained(device=device, **kw)
-    if name == "pickscore":
-        return PickScore.from_pretrained(device=device, **kw)
-    if name == "hps":
-        return HPSv2.from_pretrained(device=device, **kw)
-    if name == "gpt":
-        try:
-            from noiseopt.judge import GPTJudge
-        except ImportError:
-            raise ConfigError("the 'gpt' verifier needs noiseopt.judge and the openai extra: "
-                              "pip install 'noiseopt[openai]'") from None
-        return GPTJudge(**kw)
-    raise ConfigError(f"unknown verifier {name!r}: choose from {', '.join(VERIFIER_NAMES)}")
+    "Returns the registered verifier `spec` (`name` or `name:key=value,...`; `options` add to those), not yet loaded."
+    from noiseopt.registry import VERIFIERS, factory_options
 
-
-def load_verifiers(names: Sequence[str], world=None, device=None, options: dict[str, dict] | None = None) -> list:
-    """Returns the verifiers called `names`: with a shapes `world`, its `clip` and `aesthetic` (other names are the real
-    verifiers, e.g. `gpt`); `options` maps a name to keyword arguments of its verifier."""
-    options = options or {}
-    names = [n.strip() for n in names if n.strip()]
-    if not names:
-        raise ConfigError(f"no verifier named: choose from {', '.join(VERIFIER_NAMES)}")
-    unknown = [n for n in names if _parse_name(n)[0] not in VERIFIER_NAMES]
-    if unknown:
-        raise ConfigError(f"unknown verifier(s) {', '.join(map(repr, unknown))}: choose from {', '.join(VERIFIER_NAMES)}")
-    shapes = {"clip": world.clip, "aesthetic": world.aesthetic} if world is not None else {}
-    return [shapes[n] if n in shapes else load_verifier(n, device=device, **options.get(_parse_name(n)[0], {}))
-            for n in names]
+    _, opts, factory = VERIFIERS.check(spec, **options)
+    return factory(**opts, **({"device": device} if "device" in factory_options(factory) else {}))

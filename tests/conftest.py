@@ -13,7 +13,22 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="also run the tests marked slow (whole benchmarks, training, subprocess runs); .ci/run does")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow (as .ci/run does)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a test of minutes (a whole benchmark, training, a CLI run); --runslow runs it")
     # third-party deprecations (numpy 2 `__array__` in diffusers' schedulers, hub arguments) are not ours to fix
     for module in ("diffusers", "huggingface_hub", "transformers"):
         config.addinivalue_line("filterwarnings", f"ignore::DeprecationWarning:{module}.*")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,7 +42,8 @@ def sampler():
 def searches(sampler, ens):
     paths = lambda: PathSearch(sampler, ens, paths=2, per_path=2, start_step=4, forward=2, backward=3)  # noqa: E731
     return [RandomSearch(sampler, ens), ZeroOrderSearch(sampler, ens, neighbors=3, lam=0.8), paths(),
-            CombinedSearch(ZeroOrderSearch(sampler, ens, neighbors=2, lam=0.8), paths()), MoreSteps(sampler, ens)]
+            CombinedSearch(sampler, ens, neighbors=2, lam=0.8, paths=2, per_path=2, start_step=4, forward=2, backward=3),
+            MoreSteps(sampler, ens)]
 
 
 @pytest.mark.parametrize("budget", [37, 50, 83])
@@ -58,7 +60,7 @@ def test_budgets_are_exact(sampler, budget):
         # candidates, each denoised `backward` steps and scored on predict_x0) and one more sample
         unit = sampler.num_steps
         if search.algo in ("paths", "both"):
-            p = search if search.algo == "paths" else search.paths
+            p = search if search.algo == "paths" else search.path_search
             unit = p.paths * p.per_path * (p.backward + 1) + sampler.num_steps
         assert budget - res.nfe < unit, (search.algo, res.nfe)
         assert res.best is not None and res.baseline is not None
@@ -137,8 +139,8 @@ def test_path_search_records(sampler):
     calls = []
     renoise = sampler.renoise
 
-    def spy(x, from_step, to_step, generator=None):
-        out = renoise(x, from_step, to_step, generator)
+    def spy(x, from_step, to_step, generators=None):
+        out = renoise(x, from_step, to_step, generators)
         calls.append((from_step, to_step, x, out))
         return out
 
@@ -169,49 +171,58 @@ def test_path_search_records(sampler):
 
 
 RESUME_SCRIPT = textwrap.dedent("""
-    import sys, torch
-    from noiseopt.samplers import DiffusersSampler
-    from noiseopt.testing import tiny_sd_pipeline
-    from noiseopt.ensemble import Ensemble
-    from noiseopt.search import ZeroOrderSearch
-    class Bright:
-        name = "bright"
+    import sys, time
+    sys.path.insert(0, sys.argv[2])
+    from toy import ToySampler
+    from noiseopt.search import make_search
+
+    class SlowRed:  # slow enough that a kill lands mid-run
+        name = "red"
         def score(self, images, prompts):
-            return images.mean((1, 2, 3))
-    sampler = DiffusersSampler(tiny_sd_pipeline(), num_steps=10, guidance_scale=3.0, batch_size=1)
-    res = ZeroOrderSearch(sampler, Ensemble(Bright()), neighbors=2, lam=0.8).run("a cat", 400, seed=9, out=sys.argv[1])
-    print(res.best_index, res.nfe)
+            time.sleep(0.05)
+            return images[:, 0].mean((1, 2)) - images[:, 1:].mean((1, 2, 3))
+
+    search = make_search(sys.argv[3], ToySampler(num_steps=6, batch_size=2), [SlowRed()])
+    res = search.run("a cat", 600, seed=9, out=sys.argv[1])
+    print(res.best_index, res.nfe, len(res.candidates))
 """)
 
 
-def test_resume_after_sigkill(tmp_path):
+@pytest.mark.parametrize("algo", ["zo:neighbors=2", "both:paths=2,per_path=2,start_step=3,forward=2,backward=3"])
+def test_resume_after_sigkill(tmp_path, algo):
     script = tmp_path / "search.py"
     script.write_text(RESUME_SCRIPT)
+    tests = str(Path(__file__).parent)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    full = subprocess.run([sys.executable, str(script), str(tmp_path / "full")], capture_output=True, text=True,
-                          env=env, timeout=600)
+    full = subprocess.run([sys.executable, str(script), str(tmp_path / "full"), tests, algo], capture_output=True,
+                          text=True, env=env, timeout=600)
     assert full.returncode == 0, full.stderr
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(script), str(killed_dir)], env=env,
+    proc = subprocess.Popen([sys.executable, str(script), str(killed_dir), tests, algo], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 300
-    while time.time() < deadline and not (killed_dir / "search_state.pt").exists():
-        time.sleep(0.05)
-    time.sleep(0.5)
+    while time.time() < deadline and not (killed_dir / "state.json").exists():
+        time.sleep(0.02)
+    time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (killed_dir / "result.json").exists()  # it really stopped part-way
-    state = torch.load(killed_dir / "search_state.pt", weights_only=False)
-    assert 0 < state["run"].budget.spent < 400
-    resumed = subprocess.run([sys.executable, str(script), str(killed_dir)], capture_output=True, text=True,
+    import json
+
+    state = json.loads((killed_dir / "state.json").read_text())
+    assert 0 < state["spent"] < 600
+    # nothing in the folder is a pickle: JSON, PNG and safetensors only
+    suffixes = {p.suffix for p in killed_dir.rglob("*") if p.is_file()}
+    assert suffixes <= {".json", ".jsonl", ".png", ".safetensors"}, suffixes
+    resumed = subprocess.run([sys.executable, str(script), str(killed_dir), tests, algo], capture_output=True, text=True,
                              env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout == full.stdout
-    import json
     a = json.loads((tmp_path / "full" / "result.json").read_text())
     b = json.loads((killed_dir / "result.json").read_text())
     assert a["candidates"] == b["candidates"] and a["best_index"] == b["best_index"]
+    assert (tmp_path / "full" / "best.png").read_bytes() == (killed_dir / "best.png").read_bytes()
 
 
 def test_candidates_record_the_nfes_spent_when_made(sampler):
@@ -220,9 +231,9 @@ def test_candidates_record_the_nfes_spent_when_made(sampler):
     from noiseopt.viz import trajectory
 
     points = trajectory(res)
-    assert [n for n, _ in points] == [10, 20, 30, 40, 50, 60]
-    utils = [res.candidates[b].utility for _, b in points]
-    assert utils == sorted(utils) and points[-1][1] == res.best_index
+    assert [p["nfe"] for p in points] == [10, 20, 30, 40, 50, 60]
+    best = [p["best"]["bright"] for p in points]
+    assert best == sorted(best) and points[-1]["index"] == res.best_index
 
 
 @pytest.mark.parametrize("budget", [44, 60, 90])
@@ -232,8 +243,9 @@ def test_both_leaves_the_paths_a_round(sampler, budget):
     one_round = paths.one_round_cost()
     # the cost by hand: 2 paths to step 4, 4 candidates from step 2 to 5 and their x0 NFE, then 2 x 5 steps to finish
     assert one_round == 2 * 4 + 4 * (5 - 2 + 1) + 2 * 5 == 34
-    res = CombinedSearch(ZeroOrderSearch(sampler, ens, neighbors=2, lam=0.8), paths, split=0.75).run("a cat", budget)
-    first_round = next(i for i, c in enumerate(res.candidates) if not c.info.get("full"))  # scored on x0: a path round
+    res = CombinedSearch(sampler, ens, neighbors=2, lam=0.8, paths=2, per_path=2, start_step=4, forward=2, backward=3,
+                         split=0.75).run("a cat", budget)
+    first_round = next(i for i, c in enumerate(res.candidates) if c.step < sampler.num_steps)  # scored on x0: a path round
     zo_spent = res.candidates[first_round - 1].nfe  # the last zero-order candidate (paths record only after a round)
     assert zo_spent <= budget - one_round and res.nfe <= budget, (zo_spent, res.nfe)
     assert zo_spent >= min(budget - one_round, int(0.75 * budget)) - sampler.num_steps  # its share, less a sample

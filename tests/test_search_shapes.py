@@ -11,12 +11,13 @@ PROMPTS = list(SHAPES_EVAL[5::12])[:16]  # 16 held-out prompts, not the ones tes
 
 
 @pytest.fixture(scope="module")
-def comparison():
+def comparison():  # a whole benchmark: 4 searches x 16 prompts x 8 samples' budget
     from noiseopt.bench import compare
 
     return compare(PROMPTS, ("random", "zo", "paths", "both"), budget_samples=8, seed=100, log=None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ["random", "zo", "paths", "both"])
 def test_search_beats_the_first_noise(comparison, algo):
     rows = comparison["algos"][algo]["rows"]

@@ -120,6 +120,7 @@ def test_sampler_settings_can_be_changed(models):
         with_settings(models, spacing="karras")
 
 
+@pytest.mark.slow
 def test_trained_model_beats_untrained(models):
     from noiseopt.samplers import DiffusersSampler
     from noiseopt.shapes_train import build_unet
@@ -181,6 +182,7 @@ def run(*args):
     return subprocess.run(args, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_shapes_eval_and_errors(tmp_path):
     out = run("noiseopt", "shapes", "eval", "--prompts", "3", "--samples", "2", "--no-timing",
               "--json", str(tmp_path / "r.json"))
