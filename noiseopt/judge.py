@@ -27,7 +27,8 @@ from .core import ConfigError, NoiseoptError
 log = logging.getLogger("noiseopt.judge")
 
 # %% auto #0
-__all__ = ['log', 'RUBRIC', 'YESNO', 'REMINDER', 'ASPECTS', 'PRICES', 'judgement_model', 'parse_judgement', 'GPTJudge']
+__all__ = ['log', 'RUBRIC', 'YESNO', 'REMINDER', 'ASPECTS', 'PRICES', 'judgement_model', 'parse_judgement', 'run_coroutine',
+           'JudgementCache', 'GPTJudge']
 
 # %% ../nbs/03a_judge.ipynb #7bd128cf
 RUBRIC = """You are an expert judge of AI-generated images. You are shown an image and the prompt it was generated from.
@@ -75,7 +76,7 @@ def parse_judgement(text: str | None) -> dict:
     data = json.loads(candidate)
     return judgement_model().model_validate(data).model_dump()
 
-# %% ../nbs/03a_judge.ipynb #8bebc01c
+# %% ../nbs/03a_judge.ipynb #8bebc01a
 class _Fatal(Exception):
     "A failure no retry can fix (a rejected key, an unknown model): stops the whole judgement."
 
@@ -106,6 +107,62 @@ def _retry_after(exc) -> float | None:
     return None
 
 
+def run_coroutine(coro):
+    "Runs a coroutine to the end from synchronous code, inside a running event loop (Jupyter) too."
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    box = {}
+
+    def target():
+        try:
+            box["value"] = asyncio.run(coro)
+        except BaseException as e:  # carried back to the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+# %% ../nbs/03a_judge.ipynb #8bebc01d
+class JudgementCache:
+    "A folder of judgements keyed by content (one JSON file each), written atomically; `None` as folder caches nothing."
+
+    def __init__(self, folder: str | os.PathLike | None = None):
+        self.folder = None if folder is None else Path(folder)
+
+    @staticmethod
+    def key(png: bytes, prompt: str, *settings: str) -> str:
+        "Returns the content address of a judgement of image bytes `png` for `prompt` under `settings`."
+        h = hashlib.sha256()
+        for part in (png, prompt.encode(), *(str(x).encode() for x in settings)):
+            h.update(hashlib.sha256(part).digest())
+        return h.hexdigest()
+
+    def get(self, key: str) -> dict | None:
+        "Returns the cached judgement of `key`, or `None`."
+        if self.folder is None:
+            return None
+        try:
+            return json.loads((self.folder / key[:2] / f"{key}.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def put(self, key: str, value: dict) -> None:
+        "Stores a judgement under `key`."
+        if self.folder is None:
+            return
+        path = self.folder / key[:2] / f"{key}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps(value), encoding="utf-8")
+        os.replace(tmp, path)
+
+# %% ../nbs/03a_judge.ipynb #8bebc01c
 class GPTJudge:
     "A vision chat model's human-like score (0-100) of each image for its prompt, over any OpenAI-compatible API."
     name = "gpt"
@@ -121,7 +178,7 @@ class GPTJudge:
         self.model, self.base_url, self.rubric, self.mode = model, base_url, rubric, mode
         self.concurrency, self.timeout, self.max_retries = int(concurrency), float(timeout), int(max_retries)
         self.detail, self.backoff, self.max_backoff = detail, float(backoff), float(max_backoff)
-        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.cache = JudgementCache(cache_dir)
         self.structured = structured  # None: try structured outputs, fall back to text if the server refuses them
         key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         self._key = lambda: key  # a closure, not an attribute: kept out of vars(), repr and pickles of settings
@@ -139,39 +196,16 @@ class GPTJudge:
         key = self._key()
         return text.replace(key, "***") if key else text
 
+    def cache_key(self, png: bytes, prompt: str) -> str:
+        "Returns the content address of a judgement: image bytes, prompt, model, mode, rubric and detail."
+        return JudgementCache.key(png, prompt, self.model, self.mode, self.rubric, self.detail)
+
     def load(self) -> "GPTJudge":
         "Checks that a key is there (the first request checks that it is accepted); returns the judge."
         if not self._key():
             raise ConfigError("the GPT judge needs an API key: set OPENAI_API_KEY or pass api_key= (for a local "
                               "server that ignores keys, any value, e.g. OPENAI_API_KEY=EMPTY)")
         return self
-
-    # --- caching -------------------------------------------------------------------------------------------------
-    def cache_key(self, png: bytes, prompt: str) -> str:
-        "Returns the content address of a judgement: image bytes, prompt, model, mode, rubric and detail."
-        h = hashlib.sha256()
-        for part in (png, prompt.encode(), self.model.encode(), self.mode.encode(), self.rubric.encode(),
-                     self.detail.encode()):
-            h.update(hashlib.sha256(part).digest())
-        return h.hexdigest()
-
-    def _cache_get(self, key: str) -> dict | None:
-        if self.cache_dir is None:
-            return None
-        path = self.cache_dir / key[:2] / f"{key}.json"
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-
-    def _cache_put(self, key: str, value: dict) -> None:
-        if self.cache_dir is None:
-            return
-        path = self.cache_dir / key[:2] / f"{key}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps(value), encoding="utf-8")
-        os.replace(tmp, path)
 
     # --- one request -----------------------------------------------------------------------------------------------
     def _messages(self, url: str, prompt: str) -> list[dict]:
@@ -316,27 +350,6 @@ class GPTJudge:
             await client.close()
         return results
 
-    def _run(self, coro):
-        "Runs a coroutine to the end from synchronous code, inside a running event loop (Jupyter) too."
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(coro)
-        box = {}
-
-        def target():
-            try:
-                box["value"] = asyncio.run(coro)
-            except BaseException as e:  # carried back to the caller's thread
-                box["error"] = e
-
-        t = threading.Thread(target=target)
-        t.start()
-        t.join()
-        if "error" in box:
-            raise box["error"]
-        return box["value"]
-
     # --- the verifier ------------------------------------------------------------------------------------------------
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         "Returns one score (0-100) per image, in order; NaN where the judgement failed (see `failures`)."
@@ -345,11 +358,11 @@ class GPTJudge:
         self.load()
         encoded = [_png_data_url(im) for im in images]
         keys = [self.cache_key(png, p) for (_, png), p in zip(encoded, prompts)]
-        out: list[dict | None] = [self._cache_get(k) for k in keys]
+        out: list[dict | None] = [self.cache.get(k) for k in keys]
         self.usage["cached"] += sum(o is not None for o in out)
         todo = [i for i, o in enumerate(out) if o is None]
         try:
-            results = self._run(self._judge_all([u for u, _ in encoded], list(prompts), todo)) if todo else {}
+            results = run_coroutine(self._judge_all([u for u, _ in encoded], list(prompts), todo)) if todo else {}
         except _Fatal as e:
             raise NoiseoptError(self._redact(str(e))) from None
         scores, details = [], []
@@ -364,7 +377,7 @@ class GPTJudge:
                 details.append({"error": failure["error"]})
                 continue
             if i in results:
-                self._cache_put(keys[i], r)
+                self.cache.put(keys[i], r)
             scores.append(float(r["score"]))
             details.append(r["details"])
         self.last_details = details

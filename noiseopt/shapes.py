@@ -464,12 +464,12 @@ def load_sampler(path: str | Path | None = None, num_steps: int = 25, guidance_s
 
 def load_clip(path: str | Path | None = None, device: str | None = "cpu", scale: float = 2.5, raw: bool = False,
               batch_size: int = 64):
-    "Returns the shapes CLIP score (the package's `CLIPScore` over the shipped tiny CLIP), loaded."
+    "Returns the shapes CLIP score (the package's `CLIPScore` over the shipped tiny CLIP, without the caption prefix), loaded."
     from noiseopt.verifiers import CLIPScore
 
     with _quiet():
         return CLIPScore.from_pretrained(_root(path) / "clip", device=device, batch_size=batch_size, pil=False,
-                                         lazy=False, scale=scale, raw=raw)
+                                         lazy=False, scale=scale, raw=raw, prefix="")
 
 
 def load_aesthetic(path: str | Path | None = None, clip=None, device: str | None = "cpu", batch_size: int = 64):
@@ -501,7 +501,7 @@ def shapes_model(path: str | Path | None = None, num_steps: int = 25, guidance_s
 
         if "clip" not in shared:  # one tiny CLIP serves both verifiers
             shared["clip"] = load_clip(path, device)
-        return CLIPScore(shared["clip"].encoder, scale=scale, raw=raw, batch_size=batch_size)
+        return CLIPScore(shared["clip"].encoder, scale=scale, raw=raw, batch_size=batch_size, prefix="")
 
     def aesthetic(batch_size: int = 64):
         return load_aesthetic(path, clip(), device, batch_size)

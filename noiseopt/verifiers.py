@@ -13,15 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import ConfigError, ModelNotFoundError, get_device
+from .core import ConfigError, ModelNotFoundError, get_device, get_dtype
 
 # %% auto #0
 __all__ = ['OPENAI_CLIP_MEAN', 'OPENAI_CLIP_STD', 'IMAGEREWARD_MEAN', 'IMAGEREWARD_STD', 'IMAGEREWARD_VISION', 'IMAGEREWARD_TEXT',
-           'HPS_FILES', 'Verifier', 'clip_preprocess', 'pil_preprocess', 'resolve_file', 'load_state_dict',
-           'HFCLIPEncoder', 'OpenCLIPEncoder', 'CLIPScore', 'AestheticHead', 'AestheticScore', 'ImageRewardModel',
-           'imagereward_from_state_dict', 'imagereward_tokenizer', 'ImageReward', 'PickScore', 'HPSv2',
-           'CallableVerifier', 'clip_verifier', 'aesthetic_verifier', 'imagereward_verifier', 'pickscore_verifier',
-           'hps_verifier', 'load_verifier']
+           'HPS_FILES', 'Verifier', 'clip_preprocess', 'pad_preprocess', 'pil_preprocess', 'resolve_file',
+           'load_state_dict', 'HFCLIPEncoder', 'OpenCLIPEncoder', 'clip_text_clean', 'CLIPScore', 'AestheticHead',
+           'AestheticScore', 'ImageRewardModel', 'imagereward_from_state_dict', 'imagereward_tokenizer', 'ImageReward',
+           'PickScore', 'HPSv2', 'CallableVerifier', 'clip_verifier', 'aesthetic_verifier', 'imagereward_verifier',
+           'pickscore_verifier', 'hps_verifier', 'load_verifier']
 
 # %% ../nbs/03_verifiers.ipynb #46418362
 @runtime_checkable
@@ -38,15 +38,36 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def _check_images(images: torch.Tensor, prompts: Sequence[str]) -> None:
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ConfigError(f"verifiers take images N x 3 x H x W in [0, 1], got shape {tuple(images.shape)}")
+def _check_images(images, prompts: Sequence[str]) -> None:
+    "Checks a batch tensor `N x 3 x H x W`, or a list of images (tensors `3 x H x W` or PIL images), against the prompts."
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ConfigError(f"verifiers take images N x 3 x H x W in [0, 1], got shape {tuple(images.shape)}")
+    elif isinstance(images, (list, tuple)):
+        for im in images:
+            if isinstance(im, torch.Tensor) and (im.ndim != 3 or im.shape[0] != 3):
+                raise ConfigError(f"a list of images holds tensors 3 x H x W in [0, 1], got shape {tuple(im.shape)}")
+            if not isinstance(im, torch.Tensor) and not hasattr(im, "convert"):
+                raise ConfigError(f"a list of images holds tensors or PIL images, got {type(im).__name__}")
+    else:
+        raise ConfigError(f"verifiers take a tensor N x 3 x H x W or a list of images, got {type(images).__name__}")
     if len(prompts) != len(images):
         raise ConfigError(f"{len(images)} images but {len(prompts)} prompts: give one prompt per image")
 
 
-def clip_preprocess(images: torch.Tensor, size: int, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD) -> torch.Tensor:
-    "Returns `[0, 1]` images resized (short side, bicubic), centre-cropped to `size` and normalised."
+def _to_tensor(image) -> torch.Tensor:
+    "Returns one image as a float tensor `3 x H x W` in `[0, 1]` (a PIL image as torchvision's `ToTensor` makes it)."
+    if isinstance(image, torch.Tensor):
+        return image.float()
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def clip_preprocess(images, size: int, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD) -> torch.Tensor:
+    "Returns `[0, 1]` images resized (short side, bicubic), centre-cropped to `size` and normalised (a list: one by one)."
+    if not isinstance(images, torch.Tensor):
+        return torch.cat([clip_preprocess(_to_tensor(im)[None], size, mean, std) for im in images])
     x = images.float()
     h, w = x.shape[-2:]
     if min(h, w) != size:
@@ -70,37 +91,53 @@ def _to_pil(image):
     return Image.fromarray(arr)
 
 
-def pil_preprocess(images, size: int, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, mode: str = "crop") -> torch.Tensor:
-    """Returns images (a `[0, 1]` tensor N x 3 x H x W, or PIL images) preprocessed as the original verifiers do.
+def pad_preprocess(image, size: int) -> torch.Tensor:
+    """Returns one image as HPSv2 prepares it: a float tensor first, its long side resized to `size` (bicubic,
+    antialiased, on the tensor), then zero-padded, centred, to a square (unnormalised, `3 x size x size`).
 
-    `mode="crop"`: resize the short side to `size` (bicubic; the long side `int(size * long / short)`), centre
-    crop. `mode="pad"`: resize the long side to `size` (`round`ed), pad with black, centred, to a square."""
+    The original (open_clip's `ResizeMaxSize`) leaves an image whose long side is already `size` unpadded and
+    then fails on it unless it is square; here it is padded like any other."""
+    x = _to_tensor(image)
+    h, w = x.shape[-2:]
+    scale = size / max(h, w)
+    nh, nw = round(h * scale), round(w * scale)
+    if scale != 1.0:
+        x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)[0]
+    ph, pw = size - nh, size - nw
+    return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=0.0)
+
+
+def pil_preprocess(images, size: int, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, mode: str = "crop",
+                   crop: str = "round") -> torch.Tensor:
+    """Returns images (a `[0, 1]` tensor N x 3 x H x W, or a list of tensors or PIL images of any sizes) preprocessed
+    as the original verifiers do.
+
+    `mode="crop"`: the 8-bit PIL image's short side resized to `size` (bicubic; the long side
+    `int(size * long / short)`), then a centre crop whose offset is `round((w - size) / 2)` as torchvision's
+    `CenterCrop` (OpenAI's CLIP, the aesthetic predictor, CLIPScore) or `(w - size) // 2` with `crop="floor"`,
+    as transformers' `CLIPImageProcessor` (PickScore). `mode="pad"`: `pad_preprocess` (HPSv2)."""
     import numpy as np
     from PIL import Image
 
+    if mode not in ("crop", "pad") or crop not in ("round", "floor"):
+        raise ConfigError(f"unknown preprocessing mode {mode!r} / crop {crop!r}: use 'crop' or 'pad', 'round' or 'floor'")
     out = []
     for im in images:
+        if mode == "pad":
+            out.append(pad_preprocess(im, size))
+            continue
         im = _to_pil(im)
         w, h = im.size
-        if mode == "crop":
-            short, long = min(w, h), max(w, h)
-            if short != size:
-                new_long = int(size * long / short)
-                im = im.resize((size, new_long) if w <= h else (new_long, size), Image.BICUBIC)
-            w, h = im.size
+        short, long = min(w, h), max(w, h)
+        if short != size:
+            new_long = int(size * long / short)
+            im = im.resize((size, new_long) if w <= h else (new_long, size), Image.BICUBIC)
+        w, h = im.size
+        if crop == "round":
             top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-            im = im.crop((left, top, left + size, top + size))
-        elif mode == "pad":
-            scale = size / max(w, h)
-            if scale != 1.0 or w != h:  # (the original skips the padding when the long side fits: a non-square crash)
-                nh, nw = round(h * scale), round(w * scale)
-                if scale != 1.0:
-                    im = im.resize((nw, nh), Image.BICUBIC)
-                canvas = Image.new("RGB", (size, size), (0, 0, 0))
-                canvas.paste(im, ((size - nw) // 2, (size - nh) // 2))
-                im = canvas
         else:
-            raise ConfigError(f"unknown preprocessing mode {mode!r}: use 'crop' or 'pad'")
+            top, left = (h - size) // 2, (w - size) // 2
+        im = im.crop((left, top, left + size, top + size))
         out.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1))
     x = torch.stack(out)
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
@@ -171,14 +208,14 @@ class HFCLIPEncoder:
     "A transformers `CLIPModel` with its tokenizer and preprocessing."
 
     def __init__(self, model, tokenizer, image_size: int | None = None, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
-                 pil: bool = True):
+                 pil: bool = True, crop: str = "round"):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.image_size = image_size or model.config.vision_config.image_size
-        self.mean, self.std, self.pil = tuple(mean), tuple(std), pil
+        self.mean, self.std, self.pil, self.crop = tuple(mean), tuple(std), pil, crop
 
     @classmethod
     def from_pretrained(cls, path: str | Path, processor: str | Path | None = None, device=None,
-                        dtype: torch.dtype = torch.float32, pil: bool = True) -> "HFCLIPEncoder":
+                        dtype: torch.dtype = torch.float32, pil: bool = True, crop: str = "round") -> "HFCLIPEncoder":
         "Loads a `CLIPModel` from `path`, and its tokenizer and preprocessing from `processor` (default: `path`)."
         from transformers import AutoTokenizer, CLIPModel
 
@@ -199,7 +236,7 @@ class HFCLIPEncoder:
                 size, mean, std = ip.crop_size["height"], tuple(ip.image_mean), tuple(ip.image_std)
             except (OSError, ValueError, KeyError):
                 pass
-        return cls(model, tokenizer, image_size=size, mean=mean, std=std, pil=pil)
+        return cls(model, tokenizer, image_size=size, mean=mean, std=std, pil=pil, crop=crop)
 
     @property
     def device(self) -> torch.device:
@@ -209,10 +246,13 @@ class HFCLIPEncoder:
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.exp())
 
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+    def preprocess(self, images) -> torch.Tensor:
+        "Returns the model's pixel values for a batch tensor or a list of images of any sizes."
         if self.pil:
-            return pil_preprocess(images, self.image_size, self.mean, self.std)
-        return clip_preprocess(images.to(self.device), self.image_size, self.mean, self.std)
+            return pil_preprocess(images, self.image_size, self.mean, self.std, crop=self.crop)
+        if isinstance(images, torch.Tensor):
+            images = images.to(self.device)
+        return clip_preprocess(images, self.image_size, self.mean, self.std).to(self.device)
 
     @torch.no_grad()
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -235,13 +275,14 @@ class OpenCLIPEncoder:
     "An open_clip model with its tokenizer and preprocessing (`mode='crop'`, or HPSv2's `'pad'`)."
 
     def __init__(self, model, tokenizer, image_size: int = 224, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
-                 mode: str = "crop"):
+                 mode: str = "crop", autocast: torch.dtype | None = None):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.image_size, self.mean, self.std, self.mode = image_size, tuple(mean), tuple(std), mode
+        self.autocast = autocast  # e.g. float16: run under torch.autocast, as HPSv2 does on a GPU (precision 'amp')
 
     @classmethod
     def create(cls, name: str, pretrained: str | None = None, checkpoint: str | Path | None = None, device=None,
-               mode: str = "crop", precision: str = "fp32") -> "OpenCLIPEncoder":
+               mode: str = "crop", precision: str = "fp32", autocast: torch.dtype | None = None) -> "OpenCLIPEncoder":
         """Builds open_clip model `name`; weights from open_clip's `pretrained` tag, or a `checkpoint` state dict file.
 
         With neither, the weights are random: only for tests and benchmarks."""
@@ -265,7 +306,8 @@ class OpenCLIPEncoder:
         size = model.visual.image_size
         size = size[0] if isinstance(size, (tuple, list)) else size
         return cls(model.to(get_device(device)), open_clip.get_tokenizer(name), image_size=int(size),
-                   mean=cfg.get("mean", OPENAI_CLIP_MEAN), std=cfg.get("std", OPENAI_CLIP_STD), mode=mode)
+                   mean=cfg.get("mean", OPENAI_CLIP_MEAN), std=cfg.get("std", OPENAI_CLIP_STD), mode=mode,
+                   autocast=autocast)
 
     @property
     def device(self) -> torch.device:
@@ -275,15 +317,26 @@ class OpenCLIPEncoder:
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.exp())
 
+    def _autocast(self):
+        import contextlib
+
+        if self.autocast is None or self.autocast == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
     @torch.no_grad()
-    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+    def embed_images(self, images) -> torch.Tensor:
+        "Returns L2-normalised image embeddings of a batch tensor or a list of images of any sizes."
         dtype = next(self.model.parameters()).dtype
         pixels = pil_preprocess(images, self.image_size, self.mean, self.std, self.mode).to(self.device, dtype)
-        return F.normalize(self.model.encode_image(pixels).float(), dim=-1)
+        with self._autocast():
+            return F.normalize(self.model.encode_image(pixels).float(), dim=-1)
 
     @torch.no_grad()
     def embed_texts(self, prompts: Sequence[str]) -> torch.Tensor:
-        return F.normalize(self.model.encode_text(self.tokenizer(list(prompts)).to(self.device)).float(), dim=-1)
+        "Returns L2-normalised text embeddings (open_clip's tokenizer truncates at 77 tokens)."
+        with self._autocast():
+            return F.normalize(self.model.encode_text(self.tokenizer(list(prompts)).to(self.device)).float(), dim=-1)
 
 # %% ../nbs/03_verifiers.ipynb #681c7274
 class _Lazy:
@@ -315,13 +368,30 @@ def _load_processor_config(path: Path) -> tuple[int | None, tuple, tuple]:
     return None, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 
+def clip_text_clean(text: str) -> str:
+    "Returns `text` cleaned as OpenAI CLIP's tokenizer cleans it: `ftfy.fix_text`, HTML unescaped twice, white space folded."
+    import html
+    import re
+
+    import ftfy
+
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(ftfy.fix_text(text))).strip()).strip()
+
+
 class CLIPScore(_Lazy):
-    "Prompt consistency: `scale * max(cos(image, text), 0)` from a CLIP-family encoder."
+    """Prompt consistency as CLIPScore (Hessel et al. 2021) defines it: `scale * max(cos(image, prefix + prompt), 0)`.
+
+    Follows `clipscore.py` of jmhessel/clipscore: every caption is prefixed with `"A photo depicts "` (`prefix=""`
+    turns that off), cleaned as OpenAI CLIP's tokenizer cleans text (`clip_text_clean`: ftfy, HTML unescaping, white
+    space) and truncated to 77 tokens; the image is resized (short side, bicubic) and centre-cropped as OpenAI CLIP's
+    `_transform` does on the 8-bit image; both embeddings are L2-normalised; `scale` is the paper's `w = 2.5`.
+    `raw=True` returns the cosine itself."""
     name = "clip"
 
-    def __init__(self, encoder=None, scale: float = 2.5, raw: bool = False, batch_size: int = 32, loader=None):
+    def __init__(self, encoder=None, scale: float = 2.5, raw: bool = False, batch_size: int = 32, loader=None,
+                 prefix: str = "A photo depicts "):
         self._parts, self._loader = encoder, loader
-        self.scale, self.raw, self.batch_size = scale, raw, batch_size
+        self.scale, self.raw, self.batch_size, self.prefix = scale, raw, batch_size, prefix
 
     @classmethod
     def from_pretrained(cls, path: str | Path = "openai/clip-vit-large-patch14", device=None,
@@ -355,12 +425,13 @@ class CLIPScore(_Lazy):
         return self.encoder.embed_texts(prompts)
 
     @torch.no_grad()
-    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        "Returns one CLIP score per image."
+    def score(self, images, prompts: Sequence[str]) -> torch.Tensor:
+        "Returns one CLIP score per image (a batch tensor, or a list of images of any sizes)."
         _check_images(images, prompts)
+        texts = [clip_text_clean(self.prefix + p) for p in prompts]
         scores = []
         for i in range(0, len(images), self.batch_size):
-            cos = (self.embed_images(images[i : i + self.batch_size]) * self.embed_texts(prompts[i : i + self.batch_size])).sum(-1)
+            cos = (self.embed_images(images[i : i + self.batch_size]) * self.embed_texts(texts[i : i + self.batch_size])).sum(-1)
             scores.append(cos if self.raw else self.scale * cos.clamp(min=0))
         return torch.cat(scores).cpu()
 
@@ -409,7 +480,11 @@ def _clip_encoder(ref: str, device=None):
 
 
 class AestheticScore(_Lazy):
-    "Beauty: the LAION aesthetic head over a CLIP model's normalised image embedding."
+    """Beauty as the LAION aesthetic predictor v2 scores it: its MLP head over CLIP ViT-L/14's L2-normalised image embedding.
+
+    Follows `simple_inference.py` of christophschuhmann/improved-aesthetic-predictor: OpenAI CLIP's `_transform` on
+    the 8-bit image (short side resized to 224, bicubic; centre crop at `round((w - 224) / 2)`; CLIP's mean and std),
+    the image embedding L2-normalised, then the MLP (`AestheticHead`)."""
     name = "aesthetic"
 
     def __init__(self, clip=None, head: AestheticHead | None = None, batch_size: int = 32, loader=None):
@@ -536,7 +611,11 @@ def imagereward_tokenizer(path: str | Path = "bert-base-uncased"):
 
 
 class ImageReward(_Lazy):
-    "Holistic human preference: ImageReward's standardised reward."
+    """Holistic human preference as ImageReward (Xu et al. 2023) scores it: the standardised reward of its BLIP model.
+
+    Follows `ImageReward/ImageReward.py` of THUDM/ImageReward (`score`): OpenAI CLIP's preprocessing at 224 px, the
+    prompt tokenised by BERT (`bert-base-uncased`, padded and truncated to 35 tokens), the image tokens cross-attended
+    by the text encoder, the CLS state through the MLP, then `(reward - mean) / std` with the checkpoint's constants."""
     name = "imagereward"
 
     def __init__(self, model: ImageRewardModel | None = None, tokenizer=None, batch_size: int = 16, max_length: int = 35,
@@ -576,22 +655,30 @@ class ImageReward(_Lazy):
 
 # %% ../nbs/03_verifiers.ipynb #ed84c809
 class PickScore(_Lazy):
-    "Human preference: PickScore's `logit_scale * cos(image, text)`."
+    """Human preference as PickScore (Kirstain et al. 2023) scores it: `logit_scale.exp() * cos(image, prompt)`.
+
+    Follows the inference snippet of yuvalkirstain/PickScore's README: the PickScore `CLIPModel`, and the processor
+    of `laion/CLIP-ViT-H-14-laion2B-s32B-b79K` as it was then (`CLIPImageProcessor` on the 8-bit PIL image: short side
+    resized to 224, bicubic, centre crop at offset `(w - 224) // 2`; the tokenizer padding and truncating at 77
+    tokens); both embeddings L2-normalised. With `probabilities=True`, `score` gives the original's probabilities
+    over the batch's candidates (the softmax of the scores; all images should share one prompt), as does
+    `probabilities(images, prompt)`."""
     name = "pickscore"
 
-    def __init__(self, encoder=None, batch_size: int = 16, loader=None):
-        self._parts, self._loader, self.batch_size = encoder, loader, batch_size
+    def __init__(self, encoder=None, batch_size: int = 16, loader=None, probabilities: bool = False):
+        self._parts, self._loader, self.batch_size, self.as_probabilities = encoder, loader, batch_size, probabilities
 
     @classmethod
     def from_pretrained(cls, path: str | Path = "yuvalkirstain/PickScore_v1",
                         processor: str | Path = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", device=None,
                         dtype: torch.dtype = torch.float32, lazy: bool = True, **kwargs) -> "PickScore":
         "Returns the verifier over the PickScore `CLIPModel` and its processor's tokenizer and preprocessing."
-        out = cls(loader=lambda: HFCLIPEncoder.from_pretrained(path, processor, device, dtype), **kwargs)
+        out = cls(loader=lambda: HFCLIPEncoder.from_pretrained(path, processor, device, dtype, crop="floor"), **kwargs)
         return out if lazy else out.load()
 
     @torch.no_grad()
-    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    def scores(self, images, prompts: Sequence[str]) -> torch.Tensor:
+        "Returns PickScore's raw scores, one per image (a batch tensor, or a list of images of any sizes)."
         _check_images(images, prompts)
         enc = self.parts
         out = [enc.logit_scale * (enc.embed_images(images[i : i + self.batch_size])
@@ -599,12 +686,27 @@ class PickScore(_Lazy):
                for i in range(0, len(images), self.batch_size)]
         return torch.cat(out).cpu()
 
+    def probabilities(self, images, prompt: str) -> torch.Tensor:
+        "Returns the original's probabilities that each candidate image is preferred for `prompt` (softmax of the scores)."
+        return torch.softmax(self.scores(images, [prompt] * len(images)), dim=0)
+
+    def score(self, images, prompts: Sequence[str]) -> torch.Tensor:
+        "Returns the raw scores, or with `probabilities=True` the softmax of the scores over the batch."
+        raw = self.scores(images, prompts)
+        return torch.softmax(raw, dim=0) if self.as_probabilities else raw
+
 
 HPS_FILES = {"v2": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 
 
 class HPSv2(_Lazy):
-    "Human preference: HPS v2 / v2.1, the cosine of open_clip ViT-H/14 features with the HPS checkpoint."
+    """Human preference as HPS v2 / v2.1 (Wu et al. 2023) scores it: the cosine of open_clip ViT-H/14 features.
+
+    Follows `hpsv2/img_score.py` of tgxs002/HPSv2 with its own copy of open_clip: the image becomes a float tensor
+    first (`ToTensor`), its long side is resized to 224 on that tensor (bicubic, antialiased) and it is zero-padded,
+    centred, to a square (`pad_preprocess`), then normalised; the prompt is tokenised by open_clip (77 tokens); the
+    score is the dot product of the L2-normalised embeddings. The original runs under CUDA autocast in float16
+    (`precision='amp'`): `autocast=torch.float16` does the same on a GPU; the default is float32."""
     name = "hps"
 
     def __init__(self, encoder=None, batch_size: int = 16, loader=None):
@@ -612,20 +714,21 @@ class HPSv2(_Lazy):
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | Path = "xswu/HPSv2", version: str = "v2.1", model_name: str = "ViT-H-14",
-                        device=None, lazy: bool = True, **kwargs) -> "HPSv2":
+                        device=None, lazy: bool = True, autocast: torch.dtype | None = None, **kwargs) -> "HPSv2":
         "Returns the verifier: open_clip `model_name` without weights, then the HPS checkpoint (file, folder or hub repo)."
         if version not in HPS_FILES:
             raise ConfigError(f"unknown HPS version {version!r}: use {' or '.join(HPS_FILES)}")
 
         def loader():
             path = resolve_file(checkpoint, HPS_FILES[version])
-            return OpenCLIPEncoder.create(model_name, None, checkpoint=path, device=device, mode="pad")
+            return OpenCLIPEncoder.create(model_name, None, checkpoint=path, device=device, mode="pad", autocast=autocast)
 
         out = cls(loader=loader, **kwargs)
         return out if lazy else out.load()
 
     @torch.no_grad()
-    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    def score(self, images, prompts: Sequence[str]) -> torch.Tensor:
+        "Returns one HPS per image (a batch tensor, or a list of images of any sizes)."
         _check_images(images, prompts)
         enc = self.parts
         out = [(enc.embed_images(images[i : i + self.batch_size]) * enc.embed_texts(prompts[i : i + self.batch_size])).sum(-1)
@@ -651,11 +754,13 @@ class CallableVerifier:
 
 # %% ../nbs/03_verifiers.ipynb #450cf4bb
 def clip_verifier(path: str = "openai/clip-vit-large-patch14", open_clip: str | None = None, scale: float = 2.5,
-                  raw: bool = False, batch_size: int = 32, processor: str | None = None, device=None) -> CLIPScore:
+                  raw: bool = False, prefix: str = "A photo depicts ", batch_size: int = 32, processor: str | None = None,
+                  dtype: str = "float32", device=None) -> CLIPScore:
     "Returns the CLIP score over a transformers CLIP (`path`), or over open_clip model `path` with weights `open_clip`."
+    kw = dict(scale=scale, raw=raw, prefix=prefix, batch_size=batch_size)
     if open_clip is not None:
-        return CLIPScore.from_open_clip(path, open_clip, device=device, scale=scale, raw=raw, batch_size=batch_size)
-    return CLIPScore.from_pretrained(path, device=device, processor=processor, scale=scale, raw=raw, batch_size=batch_size)
+        return CLIPScore.from_open_clip(path, open_clip, device=device, **kw)
+    return CLIPScore.from_pretrained(path, device=device, dtype=get_dtype(dtype), processor=processor, **kw)
 
 
 def aesthetic_verifier(head: str = "trl-lib/ddpo-aesthetic-predictor", clip: str = "openai/clip-vit-large-patch14",
@@ -665,21 +770,26 @@ def aesthetic_verifier(head: str = "trl-lib/ddpo-aesthetic-predictor", clip: str
 
 
 def imagereward_verifier(checkpoint: str = "THUDM/ImageReward", tokenizer: str = "bert-base-uncased",
-                         filename: str = "ImageReward.pt", batch_size: int = 16, device=None) -> ImageReward:
+                         filename: str = "ImageReward.pt", batch_size: int = 16, dtype: str = "float32",
+                         device=None) -> ImageReward:
     "Returns ImageReward from its original checkpoint (file, folder or hub repo) and a BERT tokenizer."
-    return ImageReward.from_pretrained(checkpoint, tokenizer, filename, device=device, batch_size=batch_size)
+    return ImageReward.from_pretrained(checkpoint, tokenizer, filename, device=device, dtype=get_dtype(dtype),
+                                       batch_size=batch_size)
 
 
 def pickscore_verifier(path: str = "yuvalkirstain/PickScore_v1", processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-                       batch_size: int = 16, device=None) -> PickScore:
-    "Returns PickScore: its `CLIPModel` and its processor's tokenizer and preprocessing."
-    return PickScore.from_pretrained(path, processor, device=device, batch_size=batch_size)
+                       probabilities: bool = False, batch_size: int = 16, dtype: str = "float32", device=None) -> PickScore:
+    "Returns PickScore: its `CLIPModel` and its processor's tokenizer and preprocessing (or its probabilities)."
+    return PickScore.from_pretrained(path, processor, device=device, dtype=get_dtype(dtype), batch_size=batch_size,
+                                     probabilities=probabilities)
 
 
 def hps_verifier(checkpoint: str = "xswu/HPSv2", version: str = "v2.1", model_name: str = "ViT-H-14",
-                 batch_size: int = 16, device=None) -> HPSv2:
-    "Returns HPSv2 (`version` v2 or v2.1): open_clip `model_name` with the HPS checkpoint."
-    return HPSv2.from_pretrained(checkpoint, version, model_name, device=device, batch_size=batch_size)
+                 batch_size: int = 16, dtype: str = "float32", device=None) -> HPSv2:
+    "Returns HPSv2 (`version` v2 or v2.1); `dtype='fp16'` runs it under autocast as the original does on a GPU."
+    autocast = get_dtype(dtype)
+    return HPSv2.from_pretrained(checkpoint, version, model_name, device=device, batch_size=batch_size,
+                                 autocast=None if autocast == torch.float32 else autocast)
 
 
 def load_verifier(spec: str, device=None, **options):
