@@ -56,8 +56,15 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"  {key:<16} {'(required)' if default is inspect.Parameter.empty else repr(default)}")
         return 0
     print(f"  default device   {get_device(args.device)}  (threads: {torch.get_num_threads()})")
-    if torch.cuda.is_available():
-        print(f"  cuda             {torch.cuda.get_device_name(0)}")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        free, total = torch.cuda.mem_get_info()
+        print(f"  cuda             {torch.cuda.get_device_name(0)}, {free / 2**30:.1f} of {total / 2**30:.1f} GiB free")
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    offload = cuda and _version("accelerate") != "not installed"
+    print(f"  one-GPU options  --dtype bf16: {'yes' if bf16 else 'no'}; fp16: {'yes' if cuda else 'no (CPU: fp32)'}; "
+          f"--offload model/sequential: {'yes' if offload else 'no (needs a CUDA GPU and accelerate)'}; "
+          f"--vae-tiling/--vae-slicing: yes; --verifier-device: yes")
     return 0
 
 # %% ../nbs/90_cli.ipynb #d87557f9
@@ -160,7 +167,7 @@ def _floats(text: str | None, what: str) -> list[float] | None:
 _GPT_OPTIONS = ("base_url", "model", "mode", "concurrency", "cache_dir")
 # the arguments that change what a search finds: they name its default output folder
 _RESULT_ARGS = ("prompt", "model", "verifiers", "weights", "ensemble", "algo", "budget", "steps", "guidance", "scheduler",
-                "seed", "dtype") + tuple(f"gpt_{k}" for k in _GPT_OPTIONS)
+                "seed", "dtype")  # not device, batch size, offload or tiling: they change how, not what + tuple(f"gpt_{k}" for k in _GPT_OPTIONS)
 
 
 def default_out(args: argparse.Namespace) -> Path:
@@ -168,6 +175,12 @@ def default_out(args: argparse.Namespace) -> Path:
     settings = json.dumps({k: getattr(args, k) for k in _RESULT_ARGS}, sort_keys=True, default=str)
     digest = hashlib.sha256(settings.encode()).hexdigest()[:8]
     return Path("noiseopt_out") / f"{_slug(args.prompt)}-{_slug(parse_spec(args.algo)[0])}-seed{args.seed}-{digest}"
+
+
+def _memory_options(args: argparse.Namespace) -> dict:
+    "Returns the one-GPU options given on the command line (a model that does not take one refuses it)."
+    opts = {"offload": args.offload, "vae_tiling": args.vae_tiling or None, "vae_slicing": args.vae_slicing or None}
+    return {k: v for k, v in opts.items() if v is not None}
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -185,6 +198,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                               verifier_options={"gpt": gpt} if gpt else None, ensemble=args.ensemble, algo=args.algo,
                               budget=args.budget, seed=args.seed, steps=args.steps, guidance=args.guidance,
                               batch_size=args.batch_size, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
+                              model_options=_memory_options(args), verifier_device=args.verifier_device,
                               out=out, progress=not args.quiet)
     except KeyboardInterrupt:
         print(f"noiseopt: interrupted; every finished round is saved in {out}: run the same command again to resume",
@@ -240,6 +254,11 @@ def _add_search(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="candidates denoised together (default: the model's)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default: the model's)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16, for diffusers models (default: fp16 on GPUs)")
+    p.add_argument("--offload", default=None, choices=("model", "sequential"),
+                   help="one GPU: keep components on the CPU until they run (model), or layer by layer (sequential)")
+    p.add_argument("--vae-tiling", action="store_true", help="one GPU: decode large images in tiles")
+    p.add_argument("--vae-slicing", action="store_true", help="one GPU: decode one image of a batch at a time")
+    p.add_argument("--verifier-device", default=None, help="put the verifiers on this device (default: the model's)")
     p.add_argument("--out", default=None,
                    help="output folder (default noiseopt_out/PROMPT-ALGO-seedS-HASH, HASH naming every other setting)")
     p.add_argument("--gpt-base-url", default=None, help="gpt: OpenAI-compatible endpoint (default: OpenAI's)")

@@ -171,7 +171,11 @@ class Registry:
         return factory(*args, **opts)
 
 # %% ../nbs/00c_registry.ipynb #f1a2b3d1
-MODELS = Registry("model", "noiseopt.models", {"shapes": "noiseopt.shapes:shapes_model"})
+MODELS = Registry("model", "noiseopt.models", {
+    "shapes": "noiseopt.shapes:shapes_model", "sd15": "noiseopt.samplers:sd15_model", "sdxl": "noiseopt.samplers:sdxl_model",
+    "sd3.5-large": "noiseopt.samplers:sd35_large_model", "sd3.5-medium": "noiseopt.samplers:sd35_medium_model",
+    "flux-dev": "noiseopt.samplers:flux_dev_model", "flux-schnell": "noiseopt.samplers:flux_schnell_model",
+    "pixart-sigma": "noiseopt.samplers:pixart_sigma_model"})
 VERIFIERS = Registry("verifier", "noiseopt.verifiers", {
     "clip": "noiseopt.verifiers:clip_verifier", "aesthetic": "noiseopt.verifiers:aesthetic_verifier",
     "imagereward": "noiseopt.verifiers:imagereward_verifier", "pickscore": "noiseopt.verifiers:pickscore_verifier",

@@ -22,9 +22,10 @@ from .core import (ConfigError, ModelNotFoundError, PromptError, SchedulerError,
                            get_device, get_dtype, noise_from_seeds, randn)
 
 # %% auto #0
-__all__ = ['SCHEDULERS', 'RESTARTABLE', 'Sampler', 'require_restartable', 'make_scheduler', 'Conditioning', 'check_prompt',
-           'encode_prompt', 'load_pipeline', 'DiffusersSampler', 'state_levels', 'renoise_states', 'decode_latents',
-           'ModelEntry', 'diffusers_model', 'model_entry']
+__all__ = ['SCHEDULERS', 'RESTARTABLE', 'sd15_model', 'sdxl_model', 'sd35_large_model', 'sd35_medium_model', 'flux_dev_model',
+           'flux_schnell_model', 'pixart_sigma_model', 'Sampler', 'require_restartable', 'make_scheduler',
+           'Conditioning', 'check_prompt', 'encode_prompt', 'load_pipeline', 'DiffusersSampler', 'state_levels',
+           'renoise_states', 'decode_latents', 'FlowMatchSampler', 'ModelEntry', 'diffusers_model', 'model_entry']
 
 # %% ../nbs/01_samplers.ipynb #3f666984
 @runtime_checkable
@@ -132,9 +133,15 @@ def check_prompt(prompt) -> str:
 
 @torch.no_grad()
 def encode_prompt(pipe, prompt: str, guidance: bool, negative_prompt: str | None = None,
-                  size: tuple[int, int] | None = None) -> Conditioning:
+                  size: tuple[int, int] | None = None, max_sequence_length: int = 300,
+                  clean_caption: bool = True) -> Conditioning:
     "Returns `prompt`'s `Conditioning` by the pipeline's own text encoders (SDXL's pooled embeddings and size ids too)."
     device = pipe.device
+    if type(pipe).__name__ == "PixArtSigmaPipeline":
+        embeds, mask, neg, neg_mask = pipe.encode_prompt(
+            prompt, do_classifier_free_guidance=guidance, negative_prompt=negative_prompt or "", num_images_per_prompt=1,
+            device=device, clean_caption=clean_caption, max_sequence_length=max_sequence_length)
+        return Conditioning(prompt, embeds, neg, {"mask": mask}, {"mask": neg_mask} if guidance else {})
     if type(pipe).__name__ == "StableDiffusionPipeline":
         embeds, neg = pipe.encode_prompt(prompt, device, 1, guidance, negative_prompt)
         return Conditioning(prompt, embeds, neg)
@@ -147,12 +154,21 @@ def encode_prompt(pipe, prompt: str, guidance: bool, negative_prompt: str | None
                         {"text_embeds": neg_pooled, "time_ids": time_ids} if guidance else {})
 
 # %% ../nbs/01_samplers.ipynb #5b1e0b02
-_PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+_PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "PixArtSigmaPipeline": "pixart",
+              "FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
+_FLOW_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline")
 
 
 def load_pipeline(id_or_path: str | os.PathLike, device: str | torch.device | None = None,
-                  dtype: str | torch.dtype | None = None, variant: str | None = None):
-    "Returns the diffusers pipeline at a hub id or local folder, on `device` in `dtype`, if `DiffusersSampler` drives its class."
+                  dtype: str | torch.dtype | None = None, variant: str | None = None, offload: str | None = None,
+                  vae_tiling: bool = False, vae_slicing: bool = False):
+    """Returns the diffusers pipeline at a hub id or local folder, on `device` in `dtype`, if `DiffusersSampler` drives its class.
+
+    For one GPU: `offload="model"` keeps each component on the CPU until it runs (diffusers' model CPU offload),
+    `"sequential"` does so layer by layer (slowest, least memory); `vae_tiling` and `vae_slicing` decode large
+    images in tiles and batches one image at a time."""
+    if offload not in (None, "model", "sequential"):
+        raise ConfigError(f"offload is 'model' or 'sequential' (or None), got {offload!r}")
     from diffusers import DiffusionPipeline
 
     device = get_device(device)
@@ -183,7 +199,19 @@ def load_pipeline(id_or_path: str | os.PathLike, device: str | torch.device | No
         pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, variant=variant, **extra)
     except Exception as e:
         raise ModelNotFoundError(f"could not load the pipeline {source!r}: {type(e).__name__}: {e}") from e
-    pipe.to(device)
+    if offload is None:
+        pipe.to(device)
+    elif device.type != "cuda":
+        raise ConfigError(f"CPU offload moves components to a GPU while they run: it needs device 'cuda', not {device.type!r}")
+    else:
+        (pipe.enable_model_cpu_offload if offload == "model" else pipe.enable_sequential_cpu_offload)(device=device)
+    if vae_tiling or vae_slicing:
+        if getattr(pipe, "vae", None) is None:
+            raise ConfigError("vae_tiling and vae_slicing need a pipeline with a VAE")
+        if vae_tiling:
+            pipe.vae.enable_tiling()
+        if vae_slicing:
+            pipe.vae.enable_slicing()
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -205,28 +233,46 @@ def _content_seed(x: torch.Tensor) -> int:
 
 
 class DiffusersSampler:
-    "A `Sampler` over a diffusers Stable Diffusion 1.x/2.x or SDXL pipeline, exact to the pipeline's own sampling."
+    """A `Sampler` over a diffusers pipeline, exact to the pipeline's own sampling.
+
+    Stable Diffusion 1.x/2.x, SDXL (UNets) and PixArt-Σ (a DiT with a T5 encoder) are driven here, with the
+    pipeline's scheduler or another one (`scheduler="ddim"`, as the reference work samples PixArt-Σ); PixArt-Σ is
+    sampled at the size asked for, as `pipe(..., use_resolution_binning=False)`. A FLUX or SD3 pipeline gives a `FlowMatchSampler` (the same
+    entry point: `DiffusersSampler(pipe)` and `DiffusersSampler.from_pretrained(...)` choose by the pipeline's class)."""
+
+    def __new__(cls, pipe=None, *args, **kwargs):
+        if cls is DiffusersSampler and type(pipe).__name__ in _FLOW_PIPELINES:
+            cls = FlowMatchSampler
+        return super().__new__(cls)
 
     def __init__(self, pipe, num_steps: int = 30, guidance_scale: float | None = None, height: int | None = None,
                  width: int | None = None, negative_prompt: str | None = None, batch_size: int = 8,
-                 scheduler: str | Any | None = None, guidance_rescale: float = 0.0):
+                 scheduler: str | Any | None = None, guidance_rescale: float = 0.0, max_sequence_length: int | None = None,
+                 clean_caption: bool | None = None):
         kind = _PIPELINES.get(type(pipe).__name__)
-        if kind is None:
+        if kind is None or kind in ("flux", "sd3"):
             raise UnsupportedModelError(
                 f"{type(pipe).__name__} is not supported: DiffusersSampler drives {', '.join(_PIPELINES)}")
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ConfigError(f"num_steps must be a whole number >= 1, got {num_steps!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+        if kind != "pixart" and (max_sequence_length is not None or clean_caption is not None):
+            raise ConfigError("max_sequence_length and clean_caption are options of T5-encoded models (PixArt-Σ, FLUX, SD3)")
         self.pipe, self.kind = pipe, kind
-        self.unet, self.vae = pipe.unet, getattr(pipe, "vae", None)
-        self.device, self.dtype = pipe.device, pipe.unet.dtype
+        self.unet, self.vae = getattr(pipe, "unet", None), getattr(pipe, "vae", None)
+        self.denoiser = self.unet if self.unet is not None else pipe.transformer
+        self.device, self.dtype = getattr(pipe, "_execution_device", pipe.device), self.denoiser.dtype
+        if kind == "pixart":
+            self.max_sequence_length = int(_call_default(pipe, "max_sequence_length", 300) if max_sequence_length is None
+                                           else max_sequence_length)
+            self.clean_caption = bool(_call_default(pipe, "clean_caption", True) if clean_caption is None else clean_caption)
         self.batch_size = batch_size
         self.guidance_scale = float(_call_default(pipe, "guidance_scale", 7.5) if guidance_scale is None else guidance_scale)
         self.guidance_rescale = float(guidance_rescale)
         self.negative_prompt = negative_prompt
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
-        default_size = self.unet.config.sample_size * self.vae_scale_factor
+        default_size = self.denoiser.config.sample_size * self.vae_scale_factor
         self.height, self.width = height or default_size, width or default_size
         for name, v in (("height", self.height), ("width", self.width)):
             if v % self.vae_scale_factor or v < self.vae_scale_factor:
@@ -249,20 +295,27 @@ class DiffusersSampler:
 
     @classmethod
     def from_pretrained(cls, id_or_path: str | os.PathLike, *, device: str | torch.device | None = None,
-                        dtype: str | torch.dtype | None = None, variant: str | None = None, **kwargs) -> "DiffusersSampler":
-        "Returns a sampler over the pipeline at a hub id or local folder; `kwargs` go to `DiffusersSampler`."
-        return cls(load_pipeline(id_or_path, device=device, dtype=dtype, variant=variant), **kwargs)
+                        dtype: str | torch.dtype | None = None, variant: str | None = None, offload: str | None = None,
+                        vae_tiling: bool = False, vae_slicing: bool = False, **kwargs) -> "DiffusersSampler":
+        "Returns a sampler over the pipeline at a hub id or local folder (see `load_pipeline`); `kwargs` go to the sampler."
+        return cls(load_pipeline(id_or_path, device=device, dtype=dtype, variant=variant, offload=offload,
+                                 vae_tiling=vae_tiling, vae_slicing=vae_slicing), **kwargs)
+
+    def _settings(self) -> dict:
+        extra = ({"max_sequence_length": self.max_sequence_length, "clean_caption": self.clean_caption}
+                 if self.kind == "pixart" else {})
+        return dict(num_steps=self._num_inference_steps, guidance_scale=self.guidance_scale, height=self.height,
+                    width=self.width, negative_prompt=self.negative_prompt, batch_size=self.batch_size,
+                    scheduler=self.scheduler, guidance_rescale=self.guidance_rescale, **extra)
 
     def replace(self, **changes) -> "DiffusersSampler":
         "Returns a sampler over the same pipeline with some settings changed (e.g. `num_steps=60`); it counts its own NFEs."
-        settings = dict(num_steps=self._num_inference_steps, guidance_scale=self.guidance_scale, height=self.height,
-                        width=self.width, negative_prompt=self.negative_prompt, batch_size=self.batch_size,
-                        scheduler=self.scheduler, guidance_rescale=self.guidance_rescale)
+        settings = self._settings()
         unknown = sorted(set(changes) - set(settings))
         if unknown:
             raise ConfigError(f"DiffusersSampler has no setting {', '.join(map(repr, unknown))}: "
                               f"its settings are {', '.join(settings)}")
-        return DiffusersSampler(self.pipe, **{**settings, **changes})
+        return type(self)(self.pipe, **{**settings, **changes})
 
     def __repr__(self) -> str:
         return (f"DiffusersSampler({type(self.pipe).__name__}, scheduler={type(self.scheduler).__name__}, "
@@ -279,7 +332,7 @@ class DiffusersSampler:
     def latent_shape(self) -> tuple[int, int, int]:
         "The shape of one state: channels x height x width in latent space."
         f = self.vae_scale_factor
-        return (self.unet.config.in_channels, self.height // f, self.width // f)
+        return (self.denoiser.config.in_channels, self.height // f, self.width // f)
 
     def noise(self, seeds: Sequence[int]) -> torch.Tensor:
         "Returns the initial noises (state 0) for `seeds`, drawn on the CPU, on the sampler's device and dtype."
@@ -289,7 +342,10 @@ class DiffusersSampler:
     @torch.no_grad()
     def condition(self, prompt: str) -> Conditioning:
         "Returns the text conditioning of `prompt` (and of the negative prompt when guidance is on)."
-        return encode_prompt(self.pipe, check_prompt(prompt), self.guidance, self.negative_prompt, (self.height, self.width))
+        extra = ({"max_sequence_length": self.max_sequence_length, "clean_caption": self.clean_caption}
+                 if self.kind == "pixart" else {})
+        return encode_prompt(self.pipe, check_prompt(prompt), self.guidance, self.negative_prompt, (self.height, self.width),
+                             **extra)
 
     # --- the step loop ------------------------------------------------------------------------------
     def _check_steps(self, *steps: int) -> None:
@@ -312,10 +368,18 @@ class DiffusersSampler:
         "Returns the guided denoiser output for a batch of scheduler states at timestep `t` (counted in `nfe`)."
         model_in = torch.cat([x, x]) if self.guidance else x
         model_in = self.scheduler.scale_model_input(model_in, t)
-        out = self.unet(model_in, t, return_dict=False, **cond.unet_kwargs(x.shape[0], self.guidance))[0]
+        if self.kind == "pixart":
+            kw = cond.unet_kwargs(x.shape[0], self.guidance)
+            out = self.denoiser(model_in, encoder_hidden_states=kw["encoder_hidden_states"],
+                                encoder_attention_mask=kw["added_cond_kwargs"]["mask"], timestep=t.expand(model_in.shape[0]),
+                                added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+        else:
+            out = self.unet(model_in, t, return_dict=False, **cond.unet_kwargs(x.shape[0], self.guidance))[0]
         if self.guidance:
             uncond, text = out.chunk(2)
             out = uncond + self.guidance_scale * (text - uncond)
+        if self.kind == "pixart" and self.denoiser.config.out_channels // 2 == self.denoiser.config.in_channels:
+            out = out.chunk(2, dim=1)[0]  # a learned variance: the first half is the noise prediction
             if self.guidance_rescale > 0:
                 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
                 out = rescale_noise_cfg(out, text, guidance_rescale=self.guidance_rescale)
@@ -398,7 +462,7 @@ class DiffusersSampler:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         "Returns float images `N x 3 x H x W` in `[0, 1]` for clean latents, decoded as the pipeline decodes."
-        return decode_latents(self.pipe, latents, self.batch_size)
+        return decode_latents(self.pipe, latents, self.batch_size, self.device)
 
 # %% ../nbs/01_samplers.ipynb #5b1e0b04
 def state_levels(scheduler, timesteps: torch.Tensor, init_noise_sigma: float = 1.0) -> torch.Tensor:
@@ -434,7 +498,7 @@ def renoise_states(x: torch.Tensor, levels: torch.Tensor, from_step: int, to_ste
 
 # %% ../nbs/01_samplers.ipynb #5b1e0b06
 @torch.no_grad()
-def decode_latents(pipe, latents: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+def decode_latents(pipe, latents: torch.Tensor, batch_size: int = 8, device: torch.device | None = None) -> torch.Tensor:
     "Returns float images `N x 3 x H x W` in `[0, 1]` for clean latents, decoded by `pipe`'s VAE (pixel space without one)."
     vae = getattr(pipe, "vae", None)
     if vae is None:
@@ -443,7 +507,7 @@ def decode_latents(pipe, latents: torch.Tensor, batch_size: int = 8) -> torch.Te
     mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
     images = []
     for chunk in latents.split(batch_size):
-        chunk = chunk.to(vae.device, vae.dtype)
+        chunk = chunk.to(device or vae.device, vae.dtype)
         if mean is not None and std is not None:
             shape = (1, -1, 1, 1)
             m = torch.tensor(mean).view(shape).to(chunk)
@@ -456,6 +520,165 @@ def decode_latents(pipe, latents: torch.Tensor, batch_size: int = 8) -> torch.Te
         image = vae.decode(chunk, return_dict=False)[0]
         images.append(pipe.image_processor.postprocess(image, output_type="pt").float())
     return torch.cat(images)
+
+# %% ../nbs/01_samplers.ipynb #5b1e0c02
+def _flow_shift(pipe, image_seq_len: int) -> float:
+    "Returns `mu`, the pipeline's resolution-dependent shift of the sigmas for `image_seq_len` image tokens."
+    cfg = pipe.scheduler.config
+    m = (cfg.get("max_shift", 1.15) - cfg.get("base_shift", 0.5)) / (cfg.get("max_image_seq_len", 4096)
+                                                                     - cfg.get("base_image_seq_len", 256))
+    return image_seq_len * m + cfg.get("base_shift", 0.5) - m * cfg.get("base_image_seq_len", 256)
+
+
+class FlowMatchSampler(DiffusersSampler):
+    "A `Sampler` over a FLUX or SD3 pipeline (rectified flow, Euler), exact to the pipeline's own sampling."
+
+    def __init__(self, pipe, num_steps: int = 28, guidance_scale: float | None = None, height: int | None = None,
+                 width: int | None = None, negative_prompt: str | None = None, batch_size: int = 8,
+                 scheduler: str | Any | None = None, guidance_rescale: float = 0.0, max_sequence_length: int | None = None,
+                 clean_caption: bool | None = None):
+        import numpy as np
+
+        self.kind = _PIPELINES[type(pipe).__name__]
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ConfigError(f"num_steps must be a whole number >= 1, got {num_steps!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+        if scheduler is not None and not (isinstance(scheduler, str) and scheduler.strip().lower() == "flow_euler") and \
+                type(scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
+            raise SchedulerError(f"{type(pipe).__name__} samples with its flow-matching Euler scheduler; "
+                                 f"leave scheduler unset (got {scheduler!r})")
+        if guidance_rescale or clean_caption is not None:
+            raise ConfigError("guidance_rescale and clean_caption are not options of FLUX or SD3")
+        self.pipe, self.transformer, self.vae = pipe, pipe.transformer, pipe.vae
+        self.unet = None
+        self.device, self.dtype = getattr(pipe, "_execution_device", pipe.device), pipe.transformer.dtype
+        self.batch_size, self.negative_prompt, self.guidance_rescale = batch_size, negative_prompt, 0.0
+        self.guidance_scale = float(_call_default(pipe, "guidance_scale", 3.5) if guidance_scale is None else guidance_scale)
+        self.max_sequence_length = int(_call_default(pipe, "max_sequence_length", 256) if max_sequence_length is None
+                                       else max_sequence_length)
+        self.vae_scale_factor = pipe.vae_scale_factor
+        default = pipe.default_sample_size * self.vae_scale_factor
+        self.height, self.width = height or default, width or default
+        unit = self.vae_scale_factor * (2 if self.kind == "flux" else self.transformer.config.patch_size)
+        for name, v in (("height", self.height), ("width", self.width)):
+            if v % unit or v < unit:
+                raise ConfigError(f"{name}={v} must be a positive multiple of {unit} for this model")
+        self.scheduler = copy.deepcopy(pipe.scheduler)
+        self._num_inference_steps = num_steps
+        h, w = self.height // self.vae_scale_factor, self.width // self.vae_scale_factor
+        if self.kind == "flux":
+            self._timestep_kwargs = {"sigmas": np.linspace(1.0, 1 / num_steps, num_steps),
+                                     "mu": _flow_shift(pipe, (h // 2) * (w // 2))}
+        else:
+            p = self.transformer.config.patch_size
+            dynamic = self.scheduler.config.get("use_dynamic_shifting", False)
+            self._timestep_kwargs = {"mu": _flow_shift(pipe, (h // p) * (w // p))} if dynamic else {}
+        self._set_timesteps()
+        self.timesteps = self.scheduler.timesteps.clone()
+        self.num_steps = len(self.timesteps)
+        self.init_noise_sigma = 1.0
+        self.restartable = not self.scheduler.config.get("stochastic_sampling", False)
+        self._stochastic, self._step_kwargs = False, {}
+        sigmas = self.scheduler.sigmas.double()[: self.num_steps + 1].cpu()
+        self.levels = torch.stack([1 - sigmas, sigmas], dim=1)
+        self.nfe = 0
+        if self.kind == "flux":
+            self._img_ids = pipe._prepare_latent_image_ids(1, h // 2, w // 2, self.device, self.dtype)
+
+    def _set_timesteps(self) -> None:
+        self.scheduler.set_timesteps(self._num_inference_steps, device=self.device, **self._timestep_kwargs)
+
+    def _reset_schedule(self, start: int) -> None:
+        self._set_timesteps()
+        self.scheduler.set_begin_index(start)
+
+    def _settings(self) -> dict:
+        return {**super()._settings(), "max_sequence_length": self.max_sequence_length, "scheduler": None}
+
+    @property
+    def guidance(self) -> bool:
+        "Whether classifier-free guidance runs (SD3 with `guidance_scale > 1`; FLUX embeds its guidance instead)."
+        return self.kind == "sd3" and self.guidance_scale > 1
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        "The shape of one state: tokens x channels for FLUX (packed), channels x height x width for SD3."
+        h, w = self.height // self.vae_scale_factor, self.width // self.vae_scale_factor
+        c = self.transformer.config.in_channels
+        return ((h // 2) * (w // 2), c) if self.kind == "flux" else (c, h, w)
+
+    def noise(self, seeds: Sequence[int]) -> torch.Tensor:
+        "Returns the initial noises for `seeds` (drawn on the CPU in the VAE's latent layout; packed for FLUX)."
+        h, w = self.height // self.vae_scale_factor, self.width // self.vae_scale_factor
+        if self.kind != "flux":
+            return noise_from_seeds(seeds, self.latent_shape, device=self.device, dtype=self.dtype)
+        c = self.transformer.config.in_channels // 4
+        x = noise_from_seeds(seeds, (c, h, w), device=self.device, dtype=self.dtype)
+        return self.pipe._pack_latents(x, len(x), c, h, w)
+
+    @torch.no_grad()
+    def condition(self, prompt: str) -> Conditioning:
+        "Returns the text conditioning of `prompt` by the pipeline's text encoders (and the negative one for SD3's guidance)."
+        prompt, pipe = check_prompt(prompt), self.pipe
+        if self.kind == "flux":
+            embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=self.device,
+                                                          num_images_per_prompt=1,
+                                                          max_sequence_length=self.max_sequence_length)
+            return Conditioning(prompt, embeds, None, {"pooled": pooled, "txt_ids": text_ids})
+        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
+            prompt=prompt, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
+            do_classifier_free_guidance=self.guidance, negative_prompt=self.negative_prompt,
+            max_sequence_length=self.max_sequence_length)
+        return Conditioning(prompt, embeds, neg, {"pooled": pooled}, {"pooled": neg_pooled} if self.guidance else {})
+
+    def _model_output(self, x: torch.Tensor, cond: Conditioning, t: torch.Tensor) -> torch.Tensor:
+        "Returns the (guided) velocity for a batch of states at timestep `t` (counted in `nfe`)."
+        n = x.shape[0]
+        if self.kind == "flux":
+            guidance = (torch.full([1], self.guidance_scale, device=self.device, dtype=torch.float32).expand(n)
+                        if self.transformer.config.guidance_embeds else None)
+            out = self.transformer(hidden_states=x, timestep=t.expand(n).to(x.dtype) / 1000, guidance=guidance,
+                                   pooled_projections=cond.added["pooled"].repeat(n, 1),
+                                   encoder_hidden_states=cond.embeds.repeat(n, 1, 1), txt_ids=cond.added["txt_ids"],
+                                   img_ids=self._img_ids, return_dict=False)[0]
+        else:
+            kw = cond.unet_kwargs(n, self.guidance)  # negatives first, as the pipeline concatenates them
+            pooled = cond.added["pooled"].repeat(n, 1)
+            if self.guidance:
+                pooled = torch.cat([cond.neg_added["pooled"].repeat(n, 1), pooled])
+            model_in = torch.cat([x, x]) if self.guidance else x
+            out = self.transformer(hidden_states=model_in, timestep=t.expand(model_in.shape[0]),
+                                   encoder_hidden_states=kw["encoder_hidden_states"], pooled_projections=pooled,
+                                   return_dict=False)[0]
+            if self.guidance:
+                uncond, text = out.chunk(2)
+                out = uncond + self.guidance_scale * (text - uncond)
+        self.nfe += n
+        return out
+
+    @torch.no_grad()
+    def predict_x0(self, x: torch.Tensor, cond: Conditioning, step: int, seeds: Sequence[int] | None = None) -> torch.Tensor:
+        "Returns the clean-latent estimate `x - sigma_k v` for states `x` at `step` (one NFE per sample)."
+        self._check_steps(step)
+        if step == self.num_steps:
+            return x.clone()
+        sigma = float(self.levels[step, 1])
+        outs = []
+        for chunk in x.to(self.device, self.dtype).split(self.batch_size):
+            v = self._model_output(chunk, cond, self.timesteps[step])
+            outs.append((chunk.float() - sigma * v.float()).to(chunk.dtype))
+        return torch.cat(outs)
+
+    def _state_levels(self) -> torch.Tensor:
+        return self.levels
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        "Returns float images `N x 3 x H x W` in `[0, 1]` for clean latents (unpacked first for FLUX)."
+        if self.kind == "flux":
+            latents = self.pipe._unpack_latents(latents, self.height, self.width, self.vae_scale_factor)
+        return decode_latents(self.pipe, latents, self.batch_size, self.device)
 
 # %% ../nbs/01_samplers.ipynb #5b1e0a02
 @dataclass
@@ -472,16 +695,45 @@ class ModelEntry:
 
 def diffusers_model(id_or_path: str | os.PathLike, num_steps: int = 30, guidance_scale: float | None = None,
                     batch_size: int = 4, scheduler: str | None = None, height: int | None = None, width: int | None = None,
-                    negative_prompt: str | None = None, device: str | None = None, dtype: str | None = None,
-                    variant: str | None = None) -> ModelEntry:
+                    negative_prompt: str | None = None, max_sequence_length: int | None = None,
+                    device: str | None = None, dtype: str | None = None, variant: str | None = None,
+                    offload: str | None = None, vae_tiling: bool = False, vae_slicing: bool = False) -> ModelEntry:
     "Returns the entry of a diffusers pipeline at a hub id or folder; its sampler loads on `load_sampler()`."
     def load() -> DiffusersSampler:
-        return DiffusersSampler.from_pretrained(id_or_path, device=device, dtype=dtype, variant=variant,
+        extra = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+        return DiffusersSampler.from_pretrained(id_or_path, device=device, dtype=dtype, variant=variant, offload=offload,
+                                                vae_tiling=vae_tiling, vae_slicing=vae_slicing,
                                                 num_steps=num_steps, guidance_scale=guidance_scale,
                                                 batch_size=batch_size, scheduler=scheduler, height=height, width=width,
-                                                negative_prompt=negative_prompt)
+                                                negative_prompt=negative_prompt, **extra)
 
     return ModelEntry(name=str(id_or_path), load_sampler=load, default_verifiers=("clip",))
+
+
+def _hub_model(repo: str, **defaults) -> Callable[..., ModelEntry]:
+    "Returns a model factory for hub repo `repo` with the reference settings `defaults` (its options: `diffusers_model`'s)."
+    sig = inspect.signature(diffusers_model)
+    params = [p.replace(default=defaults.get(p.name, p.default)) for p in sig.parameters.values() if p.name != "id_or_path"]
+
+    def factory(**options) -> ModelEntry:
+        return diffusers_model(repo, **{**defaults, **options})
+
+    factory.__signature__ = sig.replace(parameters=params)
+    factory.__doc__ = f"Returns the entry of {repo} ({', '.join(f'{k}={v}' for k, v in defaults.items())})."
+    return factory
+
+
+#: The registered hub models, at the reference settings (the method's SDXL, 30 steps; FLUX.1-dev, Euler, 30 steps,
+#: guidance 3.5; PixArt-Σ, DDIM, 30 steps, guidance 4.5) or their publishers' defaults
+sd15_model = _hub_model("stable-diffusion-v1-5/stable-diffusion-v1-5", num_steps=30)
+sdxl_model = _hub_model("stabilityai/stable-diffusion-xl-base-1.0", num_steps=30)
+sd35_large_model = _hub_model("stabilityai/stable-diffusion-3.5-large", num_steps=28, guidance_scale=3.5, dtype="bf16")
+sd35_medium_model = _hub_model("stabilityai/stable-diffusion-3.5-medium", num_steps=40, guidance_scale=4.5, dtype="bf16")
+flux_dev_model = _hub_model("black-forest-labs/FLUX.1-dev", num_steps=30, guidance_scale=3.5, dtype="bf16")
+flux_schnell_model = _hub_model("black-forest-labs/FLUX.1-schnell", num_steps=4, guidance_scale=0.0,
+                                max_sequence_length=256, dtype="bf16")
+pixart_sigma_model = _hub_model("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", num_steps=30, guidance_scale=4.5,
+                                scheduler="ddim")
 
 
 def model_entry(spec: str, **options) -> ModelEntry:

@@ -761,14 +761,16 @@ def search_noise(prompt: str, model="shapes", verifiers: Sequence | None = None,
                  steps: int | None = None, guidance: float | None = None, batch_size: int | None = None, device=None,
                  dtype=None, scheduler: str | None = None, out: str | os.PathLike | None = None, progress: bool = False,
                  verifier_options: dict[str, dict] | None = None, model_options: dict | None = None,
-                 callback: Callable | None = None, **search_options) -> SearchResult:
+                 verifier_device=None, callback: Callable | None = None, **search_options) -> SearchResult:
     """Returns the result of searching for `prompt`'s best initial noise (`budget` default: 8 samples' worth).
 
     `model` is a registered name (`'shapes'`), a hub id or folder of a diffusers pipeline, a `ModelEntry` or a
     sampler; `verifiers` are names (`'clip'`, `'clip:scale=3'`) or objects (default: the model's own choice);
     `algo` is a registered search name or spec (`'zo:lam=0.9'`) or a `Search` class, and `search_options` its
-    options. `verifier_options` maps a verifier name to options (e.g. `{"gpt": {"base_url": ...}}`).
-    On a model with an exact checker, the result's report holds its verdicts on the baseline and the best."""
+    options. `verifier_options` maps a verifier name to options (e.g. `{"gpt": {"base_url": ...}}`); `model_options`
+    are the model's other options (e.g. `{"offload": "model", "vae_tiling": True}` for a diffusers model on one GPU);
+    `verifier_device` puts the verifiers on another device than the model (default: the same). On a model with an
+    exact checker, the result's report holds its verdicts on the baseline and the best."""
     from noiseopt.samplers import ModelEntry, model_entry
 
     check_prompt(prompt)
@@ -785,7 +787,7 @@ def search_noise(prompt: str, model="shapes", verifiers: Sequence | None = None,
     names = list(verifiers) if verifiers is not None else list(entry.default_verifiers if entry else ())
     if not names:
         raise ConfigError("no verifier given: name at least one, e.g. verifiers=['clip']")
-    loaders = verifier_loaders(entry, names, verifier_options, device)
+    loaders = verifier_loaders(entry, names, verifier_options, verifier_device or device)
     if isinstance(algo, str):
         SEARCHES.check(algo, **search_options)
     # 2. the prompt, against the model's grammar

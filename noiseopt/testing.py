@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['clip_bpe_path', 'write_clip_tokenizer_files', 'clip_tokenizer', 'tiny_sd_pipeline', 'tiny_sdxl_pipeline']
+__all__ = ['clip_bpe_path', 'write_clip_tokenizer_files', 'clip_tokenizer', 'tiny_sd_pipeline', 'tiny_sdxl_pipeline',
+           't5_tokenizer', 'tiny_flux_pipeline', 'tiny_sd3_pipeline', 'tiny_pixart_pipeline']
 
 # %% ../nbs/01a_testing.ipynb #7357abc6
 def _byte_symbols() -> list[str]:
@@ -124,5 +125,103 @@ def tiny_sdxl_pipeline(scheduler: str = "euler", prediction_type: str = "epsilon
             text_encoder=_tiny_text_encoder(False, seed=seed + 2), tokenizer=clip_tokenizer(),
             text_encoder_2=_tiny_text_encoder(True, seed=seed + 3), tokenizer_2=clip_tokenizer(),
             force_zeros_for_empty_prompt=True, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+# %% ../nbs/01a_testing.ipynb #7e5a0d02
+def t5_tokenizer(model_max_length: int = 64):
+    "Returns a small `T5TokenizerFast` (a Unigram model of letters, digits and punctuation), built offline."
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    words = (["▁" + c for c in string.ascii_lowercase] + list(string.ascii_lowercase) + ["▁"] + list(string.digits)
+             + list(",.!?'-"))
+    pieces += [(w, -1.0 - 0.01 * i) for i, w in enumerate(words)]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           model_max_length=model_max_length, extra_ids=0)
+
+
+def _tiny_t5(vocab_size: int, d_model: int = 32, seed: int = 0):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=d_model, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8, decoder_start_token_id=0)).eval()
+
+
+def _tiny_flow_vae(seed: int = 0, shift: bool = True):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         norm_num_groups=8, sample_size=32, scaling_factor=1.5, shift_factor=0.1 if shift else None,
+                         use_quant_conv=False, use_post_quant_conv=False).eval()
+
+
+def tiny_flux_pipeline(guidance_embeds: bool = True, seed: int = 0):
+    "Returns a tiny `FluxPipeline` (as FLUX.1-dev with `guidance_embeds`, as FLUX.1-schnell without) with random weights."
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        tok = t5_tokenizer()
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                             pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+                                             axes_dims_rope=(4, 6, 6)).eval()
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                    base_image_seq_len=256, max_image_seq_len=4096)
+        pipe = FluxPipeline(scheduler=scheduler, vae=_tiny_flow_vae(seed + 1),
+                            text_encoder=_tiny_text_encoder(False, seed=seed + 2), tokenizer=clip_tokenizer(),
+                            text_encoder_2=_tiny_t5(len(tok), seed=seed + 3), tokenizer_2=tok, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sd3_pipeline(seed: int = 0):
+    "Returns a tiny `StableDiffusion3Pipeline` (two CLIP text encoders and a T5) with random weights."
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    with torch.random.fork_rng(devices=[]):
+        tok = t5_tokenizer()
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                            num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32,
+                                            pooled_projection_dim=64, out_channels=4, pos_embed_max_size=32).eval()
+        pipe = StableDiffusion3Pipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_tiny_flow_vae(seed + 1),
+            text_encoder=_tiny_text_encoder(True, seed=seed + 2), tokenizer=clip_tokenizer(),
+            text_encoder_2=_tiny_text_encoder(True, seed=seed + 3), tokenizer_2=clip_tokenizer(),
+            text_encoder_3=_tiny_t5(len(tok), d_model=64, seed=seed + 4), tokenizer_3=tok, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_pixart_pipeline(seed: int = 0, learned_sigma: bool = True):
+    "Returns a tiny `PixArtSigmaPipeline` (a DiT with a T5 encoder, DDIM as the reference work samples it) with random weights."
+    from diffusers import DDIMScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        tok = t5_tokenizer()
+        torch.manual_seed(seed)
+        transformer = PixArtTransformer2DModel(
+            num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8 if learned_sigma else 4,
+            num_layers=2, norm_num_groups=8, cross_attention_dim=16, sample_size=16, patch_size=2, caption_channels=32,
+            num_embeds_ada_norm=1000, norm_type="ada_norm_single", use_additional_conditions=False).eval()
+        scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                                  prediction_type="epsilon", clip_sample=False, set_alpha_to_one=True, steps_offset=0,
+                                  timestep_spacing="trailing")
+        pipe = PixArtSigmaPipeline(tokenizer=tok, text_encoder=_tiny_t5(len(tok), seed=seed + 1),
+                                   vae=_tiny_flow_vae(seed + 2, shift=False), transformer=transformer, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
