@@ -13,8 +13,9 @@ import numpy as np
 from .ensemble import Ensemble
 
 # %% auto #0
-__all__ = ['SWEEP_GRID', 'VIT_L14', 'VIT_H14', 'compare', 'format_comparison', 'sweep', 'format_sweep', 'random_verifier',
-           'verifier_speed', 'format_speed']
+__all__ = ['SWEEP_GRID', 'VIT_L14', 'VIT_H14', 'SDXL_CONFIG', 'FLUX_DEV_CONFIG', 'compare', 'format_comparison', 'sweep',
+           'format_sweep', 'random_verifier', 'verifier_speed', 'format_speed', 'real_size_pipeline', 'gpu_check',
+           'format_gpu_check']
 
 # %% ../nbs/08_bench.ipynb #2b7a3abb
 def _bench_rows(sampler, ens, check, algo: str, prompts: Sequence[str], budget: int, seed: int, **search_kwargs) -> list[dict]:
@@ -222,4 +223,180 @@ def format_speed(report: dict) -> str:
              f"{report['threads']} threads", "", f"| verifier | s / image | x {first} |", "| --- | --- | --- |"]
     for n, s in report["seconds_per_image"].items():
         lines.append(f"| {n} | {s:.3f} | {report['ratio_to_first'][n]:.2f} |")
+    return "\n".join(lines)
+
+# %% ../nbs/08_bench.ipynb #8b9e0f02
+#: The published configurations of SDXL-base-1.0 and FLUX.1-dev (the parts that size them), for random-weight builds
+SDXL_CONFIG = {
+    "unet": dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(5, 10, 20),
+                 use_linear_projection=True, transformer_layers_per_block=(1, 2, 10), addition_embed_type="text_time",
+                 addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, cross_attention_dim=2048),
+    "text_encoder": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                         hidden_act="quick_gelu", projection_dim=768),
+    "text_encoder_2": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                           hidden_act="gelu", projection_dim=1280),
+    "vae": dict(block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2, sample_size=1024,
+                scaling_factor=0.13025, force_upcast=True),
+    "scheduler": dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                      timestep_spacing="leading", prediction_type="epsilon"),
+}
+FLUX_DEV_CONFIG = {
+    "transformer": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                        axes_dims_rope=(16, 56, 56)),
+    "text_encoder": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                         hidden_act="quick_gelu", projection_dim=768),
+    "text_encoder_2": dict(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64,
+                           feed_forward_proj="gated-gelu", relative_attention_num_buckets=32),
+    "vae": dict(block_out_channels=(128, 256, 512, 512), latent_channels=16, layers_per_block=2, sample_size=1024,
+                scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False),
+    "scheduler": dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                      max_image_seq_len=4096),
+}
+
+
+def _vae(cfg: dict):
+    from diffusers import AutoencoderKL
+
+    n = len(cfg["block_out_channels"])
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+                         up_block_types=("UpDecoderBlock2D",) * n, **cfg).eval()
+
+
+def real_size_pipeline(name: str, device: str = "cuda", dtype=None):
+    "Returns SDXL-base-1.0 (`'sdxl'`) or FLUX.1-dev (`'flux-dev'`) built at real size with random weights, on `device`."
+    import torch
+    from diffusers import (EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from noiseopt.testing import clip_tokenizer, t5_tokenizer
+
+    dtype = dtype or torch.bfloat16
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            clip = lambda cfg, cls: cls(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **cfg)).eval()  # noqa: E731
+            if name == "sdxl":
+                c = SDXL_CONFIG
+                pipe = StableDiffusionXLPipeline(
+                    unet=UNet2DConditionModel(**c["unet"]).eval(), vae=_vae(c["vae"]),
+                    text_encoder=clip(c["text_encoder"], CLIPTextModel), tokenizer=clip_tokenizer(),
+                    text_encoder_2=clip(c["text_encoder_2"], CLIPTextModelWithProjection), tokenizer_2=clip_tokenizer(),
+                    scheduler=EulerDiscreteScheduler(**c["scheduler"]), add_watermarker=False)
+            elif name == "flux-dev":
+                c = FLUX_DEV_CONFIG
+                pipe = FluxPipeline(
+                    transformer=FluxTransformer2DModel(**c["transformer"]).eval(), vae=_vae(c["vae"]),
+                    text_encoder=clip(c["text_encoder"], CLIPTextModel), tokenizer=clip_tokenizer(),
+                    text_encoder_2=T5EncoderModel(T5Config(**c["text_encoder_2"])).eval(), tokenizer_2=t5_tokenizer(512),
+                    scheduler=FlowMatchEulerDiscreteScheduler(**c["scheduler"]))
+            else:
+                raise ValueError(f"no real-size build of {name!r}: use 'sdxl' or 'flux-dev'")
+    finally:
+        torch.set_default_dtype(previous)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+# %% ../nbs/08_bench.ipynb #8b9e0f03
+class _Brightness:
+    "A verifier that costs nothing: the benchmark measures the framework, not a verifier."
+    name = "brightness"
+
+    def score(self, images, prompts):
+        return images.mean((1, 2, 3)).float().cpu()
+
+
+def _pipeline_loop(pipe, sampler, noises, prompt: str, verifier) -> list[float]:
+    "The hand-written loop a user would write: the raw pipeline on each batch of noises, then the verifier."
+    scores = []
+    for i in range(0, len(noises), sampler.batch_size):
+        x = noises[i : i + sampler.batch_size]
+        images = pipe(prompt, latents=x, num_images_per_prompt=len(x), num_inference_steps=sampler.num_steps,
+                      height=sampler.height, width=sampler.width, guidance_scale=sampler.guidance_scale,
+                      output_type="pt").images
+        scores += verifier.score(images, [prompt] * len(images)).tolist()
+    return scores
+
+
+def gpu_check(models: Sequence[str] = ("sdxl", "flux-dev"), size: int = 1024, steps: int = 30, candidates: int = 4,
+              batch_size: int = 1, reps: int = 2, offload: bool = True, tiny: bool = False, device: str = "cuda",
+              log=print) -> dict:
+    """Returns, per model: candidates per second of `RandomSearch` and of a hand-written pipeline loop on the same
+    noises (interleaved, `reps` times), their ratio, and the peak GPU memory of one sample with and without offload."""
+    import gc
+
+    import torch
+
+    from noiseopt.samplers import DiffusersSampler
+    from noiseopt.search import RandomSearch, derive_seed
+
+    prompt = "a church in the forest"
+    out = {"size": size, "steps": steps, "candidates": candidates, "batch_size": batch_size, "tiny": tiny, "models": {}}
+    cuda = torch.device(device).type == "cuda"
+    for name in models:
+        if tiny:
+            from noiseopt.testing import tiny_flux_pipeline, tiny_sdxl_pipeline
+
+            pipe = tiny_sdxl_pipeline() if name == "sdxl" else tiny_flux_pipeline()
+            pipe.to(device)
+        else:
+            pipe = real_size_pipeline(name, device)
+        sampler = DiffusersSampler(pipe, num_steps=steps, height=size, width=size, batch_size=batch_size)
+        verifier = _Brightness()
+        noises = sampler.noise([derive_seed(0, k) for k in range(candidates)])  # RandomSearch's noises for seed 0
+        times = {"search": [], "loop": []}
+        for rep in range(reps + 1):  # the first round warms up and is not counted
+            for arm in ("search", "loop") if rep % 2 == 0 else ("loop", "search"):
+                if cuda:
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                if arm == "search":
+                    RandomSearch(sampler, [verifier]).run(prompt, candidates * steps)
+                else:
+                    _pipeline_loop(pipe, sampler, noises, prompt, verifier)
+                if cuda:
+                    torch.cuda.synchronize()
+                if rep:
+                    times[arm].append(time.perf_counter() - t)
+        cps = {arm: candidates / (sum(ts) / len(ts)) for arm, ts in times.items()}
+        row = {"search_candidates_per_s": cps["search"], "loop_candidates_per_s": cps["loop"],
+               "ratio": cps["search"] / cps["loop"]}
+        if cuda:
+            for label, use_offload in (("peak_gib", False), ("peak_gib_offload", True)):
+                if use_offload and not offload:
+                    continue
+                if use_offload:
+                    pipe.to("cpu")
+                    pipe.enable_model_cpu_offload(device=device)
+                    sampler = DiffusersSampler(pipe, num_steps=steps, height=size, width=size, batch_size=1)
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                sampler.decode(sampler.denoise(sampler.noise([0]), sampler.condition(prompt)))
+                torch.cuda.synchronize()
+                row[label] = torch.cuda.max_memory_allocated() / 2**30
+        out["models"][name] = row
+        if log:
+            log(f"bench-gpu: {name} " + ", ".join(f"{k} {v:.3g}" for k, v in row.items()))
+        del pipe, sampler
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    return out
+
+
+def format_gpu_check(report: dict) -> str:
+    "Returns the GPU check as a markdown table."
+    head = ["model", "RandomSearch cand/s", "pipeline loop cand/s", "ratio (target >= 0.95)", "peak GiB", "peak GiB, offload"]
+    lines = [f"{'tiny pipelines' if report['tiny'] else 'real size, random weights, bf16'}, {report['size']} px, "
+             f"{report['steps']} steps, {report['candidates']} candidates, batch {report['batch_size']}", "",
+             "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for name, r in report["models"].items():
+        mem = [f"{r[k]:.1f}" if k in r else "-" for k in ("peak_gib", "peak_gib_offload")]
+        lines.append(f"| {name} | {r['search_candidates_per_s']:.3f} | {r['loop_candidates_per_s']:.3f} | "
+                     f"{r['ratio']:.3f} | {mem[0]} | {mem[1]} |")
     return "\n".join(lines)

@@ -22,7 +22,7 @@ from .registry import SEARCHES, list_models, list_searches, list_verifiers, pars
 
 # %% auto #0
 __all__ = ['cmd_info', 'cmd_shapes_train', 'cmd_shapes_eval', 'default_out', 'cmd_search', 'cmd_bench', 'cmd_sweep',
-           'cmd_bench_verifiers', 'build_parser', 'load_plugin', 'main', 'entrypoint']
+           'cmd_bench_verifiers', 'cmd_bench_gpu', 'build_parser', 'load_plugin', 'main', 'entrypoint']
 
 # %% ../nbs/90_cli.ipynb #34475c7a
 _PACKAGES = ("torch", "diffusers", "transformers", "open_clip_torch", "accelerate", "openai")
@@ -380,6 +380,46 @@ def _add_bench_verifiers(sub) -> None:
     p.add_argument("--json", default=None, help="also write the timings to this file")
     p.set_defaults(func=cmd_bench_verifiers)
 
+# %% ../nbs/90_cli.ipynb #9c1d0e02
+def cmd_bench_gpu(args: argparse.Namespace) -> int:
+    "Runs the GPU check and prints its table."
+    import torch
+
+    from noiseopt.bench import format_gpu_check, gpu_check
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in ("sdxl", "flux-dev")]
+    if unknown or not models:
+        raise NoiseoptError(f"bench-gpu builds sdxl and flux-dev at real size; not {unknown}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not args.tiny and device.split(":")[0] != "cuda":
+        raise NoiseoptError("bench-gpu builds real-size models and needs a CUDA GPU; --tiny runs the same code on the "
+                            "tests' tiny pipelines here")
+    report = gpu_check(models, size=args.size or (32 if args.tiny else 1024), steps=args.steps, candidates=args.candidates,
+                       batch_size=args.batch_size, reps=args.reps, offload=not args.no_offload, tiny=args.tiny,
+                       device=device, log=lambda m: print(m, file=sys.stderr))
+    print(format_gpu_check(report))
+    _write_json(args.json, report)
+    return 0
+
+
+def _add_bench_gpu(sub) -> None:
+    p = sub.add_parser("bench-gpu", help="GPU check: real-size SDXL and FLUX.1-dev, search vs raw pipeline, memory",
+                       description="Build SDXL-base-1.0 and FLUX.1-dev at real size with random weights (bf16, no "
+                                   "download), and measure candidates per second of RandomSearch against a hand-written "
+                                   "pipeline loop on the same noises, and peak GPU memory with and without offload.")
+    p.add_argument("--models", default="sdxl,flux-dev", help="comma-separated: sdxl, flux-dev (default both)")
+    p.add_argument("--size", type=int, default=None, help="image side in pixels (default 1024; 32 with --tiny)")
+    p.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    p.add_argument("--candidates", type=int, default=4, help="candidates per timed run (default 4)")
+    p.add_argument("--batch-size", type=int, default=1, help="candidates denoised together (default 1)")
+    p.add_argument("--reps", type=int, default=2, help="timed repetitions of each arm, interleaved (default 2)")
+    p.add_argument("--no-offload", action="store_true", help="skip the peak memory with model CPU offload")
+    p.add_argument("--tiny", action="store_true", help="the tests' tiny pipelines instead (runs on a CPU)")
+    p.add_argument("--device", default=None, help="device (default cuda when there is one)")
+    p.add_argument("--json", default=None, help="also write the measurements to this file")
+    p.set_defaults(func=cmd_bench_gpu)
+
 # %% ../nbs/90_cli.ipynb #c65c37f2
 def build_parser() -> argparse.ArgumentParser:
     "Returns the parser of the `noiseopt` command and its subcommands."
@@ -403,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_sweep(sub)
     _add_bench_verifiers(sub)
+    _add_bench_gpu(sub)
     _add_shapes(sub)
     return parser
 

@@ -242,7 +242,7 @@ HELP = """
 import sys
 from noiseopt.cli import main
 for argv in ([], ["--help"], ["search", "--help"], ["bench", "--help"], ["sweep", "--help"], ["info", "--help"],
-             ["bench-verifiers", "--help"], ["shapes", "--help"], ["shapes", "train", "--help"], ["shapes", "eval", "--help"]):
+             ["bench-verifiers", "--help"], ["bench-gpu", "--help"], ["shapes", "--help"], ["shapes", "train", "--help"], ["shapes", "eval", "--help"]):
     try:
         main(argv)
     except SystemExit:

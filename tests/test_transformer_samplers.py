@@ -87,6 +87,7 @@ def test_rectified_flow_renoise_has_the_forward_marginal(folders, name):
     assert abs((xt - ratio * xs).std().item() / extra - 1) < 0.02
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("algo", ["zo", "paths"])
 def test_searches_run_within_budget(folders, name, algo):
@@ -123,3 +124,16 @@ def test_one_gpu_options(folders):
     assert entry.name == "black-forest-labs/FLUX.1-dev"
     with pytest.raises(noiseopt.errors.UnknownNameError, match="has no option 'offlaod'"):
         model_entry("pixart-sigma:offlaod=model")
+
+
+@pytest.mark.slow
+def test_bench_gpu_runs_its_code_on_tiny_pipelines(tmp_path):
+    import json
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "noiseopt.cli", "bench-gpu", "--tiny", "--steps", "3", "--reps", "1",
+                           "--json", str(tmp_path / "gpu.json")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    assert set(report["models"]) == {"sdxl", "flux-dev"} and "| sdxl |" in done.stdout
+    assert all(r["ratio"] > 0.3 for r in report["models"].values())
