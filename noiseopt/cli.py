@@ -64,7 +64,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     offload = cuda and _version("accelerate") != "not installed"
     print(f"  one-GPU options  --dtype bf16: {'yes' if bf16 else 'no'}; fp16: {'yes' if cuda else 'no (CPU: fp32)'}; "
           f"--offload model/sequential: {'yes' if offload else 'no (needs a CUDA GPU and accelerate)'}; "
-          f"--vae-tiling/--vae-slicing: yes; --verifier-device: yes")
+          f"--vae-tiling/--vae-slicing: yes; --verifier-device, --offload-verifiers: yes")
     return 0
 
 # %% ../nbs/90_cli.ipynb #d87557f9
@@ -199,6 +199,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                               budget=args.budget, seed=args.seed, steps=args.steps, guidance=args.guidance,
                               batch_size=args.batch_size, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
                               model_options=_memory_options(args), verifier_device=args.verifier_device,
+                              offload_verifiers=args.offload_verifiers,
                               out=out, progress=not args.quiet)
     except KeyboardInterrupt:
         print(f"noiseopt: interrupted; every finished round is saved in {out}: run the same command again to resume",
@@ -259,6 +260,8 @@ def _add_search(sub) -> None:
     p.add_argument("--vae-tiling", action="store_true", help="one GPU: decode large images in tiles")
     p.add_argument("--vae-slicing", action="store_true", help="one GPU: decode one image of a batch at a time")
     p.add_argument("--verifier-device", default=None, help="put the verifiers on this device (default: the model's)")
+    p.add_argument("--offload-verifiers", action="store_true",
+                   help="one GPU: keep the verifiers on the CPU except while they score")
     p.add_argument("--out", default=None,
                    help="output folder (default noiseopt_out/PROMPT-ALGO-seedS-HASH, HASH naming every other setting)")
     p.add_argument("--gpt-base-url", default=None, help="gpt: OpenAI-compatible endpoint (default: OpenAI's)")

@@ -12,7 +12,7 @@ import torch
 from .core import ConfigError
 
 # %% auto #0
-__all__ = ['METHODS', 'utilities', 'Ensemble']
+__all__ = ['METHODS', 'utilities', 'Ensemble', 'OffloadedVerifier']
 
 # %% ../nbs/05_ensemble.ipynb #5ede51d2
 METHODS = ("rank", "zscore", "raw")
@@ -97,3 +97,59 @@ class Ensemble:
 
     def __repr__(self) -> str:
         return f"Ensemble({self.names}, weights={self.weights}, method={self.method!r})"
+
+# %% ../nbs/05_ensemble.ipynb #5e0ff002
+def _modules(obj, depth: int = 3) -> list:
+    "Returns the torch modules an object holds (in attributes, tuples and lists, a few levels down)."
+    from torch import nn
+
+    found, seen = [], set()
+
+    def walk(o, d):
+        if id(o) in seen or d < 0:
+            return
+        seen.add(id(o))
+        if isinstance(o, nn.Module):
+            found.append(o)
+            return
+        if isinstance(o, (list, tuple)):
+            for x in o:
+                walk(x, d - 1)
+        elif hasattr(o, "__dict__") and not isinstance(o, type):
+            for x in vars(o).values():
+                walk(x, d - 1)
+
+    walk(obj, depth)
+    return found
+
+
+class OffloadedVerifier:
+    "A verifier whose modules stay on the CPU and visit `device` only while it scores."
+
+    def __init__(self, verifier, device):
+        import torch
+
+        self.verifier, self.device, self.name = verifier, torch.device(device), verifier.name
+        load = getattr(verifier, "load", None)
+        if callable(load):
+            load()
+        self.modules = _modules(verifier)
+        for m in self.modules:
+            m.to("cpu")
+
+    def score(self, images, prompts):
+        "Returns the verifier's scores, its modules on `device` for the call only."
+        import torch
+
+        for m in self.modules:
+            m.to(self.device)
+        try:
+            return self.verifier.score(images, prompts)
+        finally:
+            for m in self.modules:
+                m.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def __getattr__(self, name):  # usage, last_details and the like come from the verifier
+        return getattr(self.__dict__["verifier"], name)

@@ -761,7 +761,8 @@ def search_noise(prompt: str, model="shapes", verifiers: Sequence | None = None,
                  steps: int | None = None, guidance: float | None = None, batch_size: int | None = None, device=None,
                  dtype=None, scheduler: str | None = None, out: str | os.PathLike | None = None, progress: bool = False,
                  verifier_options: dict[str, dict] | None = None, model_options: dict | None = None,
-                 verifier_device=None, callback: Callable | None = None, **search_options) -> SearchResult:
+                 verifier_device=None, offload_verifiers: bool = False, callback: Callable | None = None,
+                 **search_options) -> SearchResult:
     """Returns the result of searching for `prompt`'s best initial noise (`budget` default: 8 samples' worth).
 
     `model` is a registered name (`'shapes'`), a hub id or folder of a diffusers pipeline, a `ModelEntry` or a
@@ -769,7 +770,8 @@ def search_noise(prompt: str, model="shapes", verifiers: Sequence | None = None,
     `algo` is a registered search name or spec (`'zo:lam=0.9'`) or a `Search` class, and `search_options` its
     options. `verifier_options` maps a verifier name to options (e.g. `{"gpt": {"base_url": ...}}`); `model_options`
     are the model's other options (e.g. `{"offload": "model", "vae_tiling": True}` for a diffusers model on one GPU);
-    `verifier_device` puts the verifiers on another device than the model (default: the same). On a model with an
+    `verifier_device` puts the verifiers on another device than the model (default: the same); `offload_verifiers`
+    keeps them on the CPU except while they score (`OffloadedVerifier`). On a model with an
     exact checker, the result's report holds its verdicts on the baseline and the best."""
     from noiseopt.samplers import ModelEntry, model_entry
 
@@ -795,7 +797,14 @@ def search_noise(prompt: str, model="shapes", verifiers: Sequence | None = None,
         entry.check_prompt(prompt)
     # 3. the model, then 4. the verifiers
     sampler = sampler if sampler is not None else entry.load_sampler()
-    ens = Ensemble([loaded(load()) for load in loaders], weights=weights, method=ensemble)
+    verifiers = [loaded(load()) for load in loaders]
+    if offload_verifiers:
+        from noiseopt.core import get_device
+        from noiseopt.ensemble import OffloadedVerifier
+
+        target = get_device(verifier_device or device or getattr(sampler, "device", None))
+        verifiers = [OffloadedVerifier(v, target) for v in verifiers]
+    ens = Ensemble(verifiers, weights=weights, method=ensemble)
     search = make_search(algo, sampler, ens, **search_options)
     checker = entry.check if entry is not None else None
     return search.run(prompt, 8 * sampler.num_steps if budget is None else budget, seed=seed, out=out,

@@ -314,3 +314,24 @@ def test_resume_refuses_other_settings_and_never_unpickles(tmp_path):
 def test_budget_errors_name_the_minimum():
     with pytest.raises(BudgetError, match="at least 8 NFEs"):
         noiseopt.search_noise("a cat", model=ToySampler(num_steps=8), verifiers=[Red()], budget=7)
+
+
+def test_offloaded_verifiers_score_as_before_and_rest_on_the_cpu():
+    from torch import nn
+
+    class Head:
+        name = "head"
+
+        def __init__(self):
+            torch.manual_seed(0)
+            self.parts = (nn.Linear(3, 1),)
+
+        def score(self, images, prompts):
+            return self.parts[0](images.mean((2, 3))).squeeze(1).detach()
+
+    seen = []
+    plain = noiseopt.search_noise("a cat", model=ToySampler(), verifiers=[Head()], budget=24)
+    off = noiseopt.search_noise("a cat", model=ToySampler(), verifiers=[Head()], budget=24, offload_verifiers=True,
+                                device="cpu", callback=lambda s, r: seen.append(s.ensemble.verifiers[0]))
+    assert [c.scores for c in off.candidates] == [c.scores for c in plain.candidates]
+    assert type(seen[0]).__name__ == "OffloadedVerifier" and seen[0].name == "head" and len(seen[0].modules) == 1
