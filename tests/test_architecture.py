@@ -332,6 +332,6 @@ def test_offloaded_verifiers_score_as_before_and_rest_on_the_cpu():
     seen = []
     plain = noiseopt.search_noise("a cat", model=ToySampler(), verifiers=[Head()], budget=24)
     off = noiseopt.search_noise("a cat", model=ToySampler(), verifiers=[Head()], budget=24, offload_verifiers=True,
-                                device="cpu", callback=lambda s, r: seen.append(s.ensemble.verifiers[0]))
+                                callback=lambda s, r: seen.append(s.ensemble.verifiers[0]))
     assert [c.scores for c in off.candidates] == [c.scores for c in plain.candidates]
     assert type(seen[0]).__name__ == "OffloadedVerifier" and seen[0].name == "head" and len(seen[0].modules) == 1
