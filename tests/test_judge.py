@@ -177,6 +177,7 @@ def test_works_inside_a_running_event_loop():
     np.testing.assert_allclose(scores.numpy(), expected(imgs, texts), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_cli_search_with_the_judge(tmp_path):
     out = tmp_path / "run"
     with FakeJudgeServer(api_key=KEY) as server:

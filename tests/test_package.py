@@ -3,6 +3,8 @@ import importlib.metadata
 import subprocess
 import sys
 
+import pytest
+
 HEAVY = ("diffusers", "transformers", "open_clip", "openai")
 
 
@@ -50,6 +52,7 @@ def test_extras_are_declared():
     assert any(r.startswith("diffusers") and "extra" not in r for r in requires)
 
 
+@pytest.mark.slow
 def test_pre_commit_hook_refuses_modules_out_of_step(tmp_path):
     import shutil
     from pathlib import Path

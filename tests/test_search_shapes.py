@@ -34,6 +34,7 @@ def run(*args):
     return subprocess.run(["noiseopt", *args], capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_search_writes_its_files(tmp_path):
     out = tmp_path / "run"
     done = run("search", "a red circle left of a blue square", "--budget", "100", "--out", str(out), "--quiet")
@@ -47,6 +48,7 @@ def test_cli_search_writes_its_files(tmp_path):
     assert again.returncode == 0 and json.loads((out / "result.json").read_text())["candidates"] == record["candidates"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [
     ("search", "a red circle", "--budget", "0"),
     ("search", "a red circle", "--budget", "-25"),
@@ -63,6 +65,7 @@ def test_cli_search_errors(args, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("noiseopt: error:") and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [
     ("bench", "--algos", "random,genetic"),
     ("bench", "--prompts", "0"),
@@ -76,6 +79,7 @@ def test_cli_bench_and_sweep_errors(args):
     assert len(lines) == 1 and lines[0].startswith("noiseopt: error:") and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_cli_search_unwritable_out(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
