@@ -216,8 +216,8 @@ class SearchResult:
                 "wall_time": float(self.wall_time), "settings": self.settings, "report": self.report,
                 "candidates": [c.to_dict() for c in self.candidates]}
 
-    def save(self, folder: str | os.PathLike, latents: bool = False) -> Path:
-        "Writes the result to `folder` (created if needed) and returns its path."
+    def save(self, folder: str | os.PathLike, latents: bool = False, candidate_images: bool = True) -> Path:
+        "Writes the result to `folder` (created if needed) and returns its path; `candidate_images=False` skips `images/`."
         folder = Path(folder)
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -226,7 +226,7 @@ class SearchResult:
         if not os.access(folder, os.W_OK):
             raise ConfigError(f"the output folder {str(folder)!r} is not writable: choose another one")
         for i, c in enumerate(self.candidates):
-            if c.image is not None:
+            if c.image is not None and candidate_images:
                 _save_png(c.image, folder / "images" / f"{i:05d}.png")
         for name, cand in (("best", self.best), ("baseline", self.baseline)):
             if cand is not None and cand.image is not None:

@@ -191,13 +191,13 @@ class CheckpointStore:
 
     def append(self, candidates: Sequence[Candidate], first: int) -> None:
         "Writes candidates `first, first + 1, ...`: image, latent and record line each."
+        import io
+
         from safetensors.torch import save
 
         lines = []
         for k, c in enumerate(candidates, start=first):
             if c.image is not None:
-                import io
-
                 buf = io.BytesIO()
                 to_pil(c.image)[0].save(buf, format="PNG")
                 self._write(self.folder / "images" / f"{k:05d}.png", buf.getvalue())
@@ -221,23 +221,26 @@ class CheckpointStore:
 
     def load(self) -> tuple[dict, Any, list[Candidate]] | None:
         "Returns `(meta, state, candidates)` saved here, or `None` if no run was saved."
+        from PIL import Image
         from safetensors.torch import load, load_file
 
         path = self.folder / self.STATE
         if not path.is_file():
             return None
-        meta = json.loads(path.read_text(encoding="utf-8"))
-        raw = (self.folder / self.STATE_TENSORS).read_bytes()
-        state = state_from_json(meta.pop("state"), load(raw) if raw else {})
-        n = meta["candidates"]
-        with open(self.folder / self.RECORDS, "rb") as f:
-            lines = f.read().decode().splitlines()[:n]
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+            raw = (self.folder / self.STATE_TENSORS).read_bytes()
+            state = state_from_json(meta.pop("state"), load(raw) if raw else {})
+            n = meta["candidates"]
+            records = self.folder / self.RECORDS
+            lines = records.read_bytes().decode().splitlines()[:n] if records.is_file() else []
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{str(self.folder)!r} holds no readable noiseopt checkpoint ({type(e).__name__}: {e}): "
+                              "use another output folder, or delete it to start again") from None
         cands = [Candidate.from_dict(json.loads(line)) for line in lines]
         for k, c in enumerate(cands):
             png, lat = self.folder / "images" / f"{k:05d}.png", self.folder / "latents" / f"{k:05d}.safetensors"
             if png.is_file():
-                from PIL import Image
-
                 with Image.open(png) as im:
                     c.image = from_pil(im)[0]
             if lat.is_file():
@@ -348,7 +351,7 @@ class Search:
         counted = self.sampler.nfe - nfe_start
         assert counted == res.nfe + res.baseline_nfe - run.extra_nfe, (counted, res.nfe, res.baseline_nfe)
         if store is not None:
-            res.save(out)
+            res.save(out, candidate_images=False)  # the store wrote each candidate's image when it was made
         return res
 
     def _round_done(self, store, run: Run, saved: int, bar, callback) -> int:

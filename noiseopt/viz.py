@@ -12,9 +12,12 @@ __all__ = ['trajectory', 'plot_trajectory', 'candidate_grid']
 
 # %% ../nbs/07_viz.ipynb #87336f9b
 def _eligible(result: SearchResult) -> list[int]:
+    "The final candidates a search could return (as `RunRecord.eligible`), with their images."
+    from noiseopt.search import is_final
+
     K = result.settings.get("num_steps")
     return [i for i, c in enumerate(result.candidates) if not c.info.get("baseline_only") and c.image is not None
-            and (K is None or c.step == c.info.get("num_steps", K))]
+            and (K is None or is_final(c, K))]
 
 
 def trajectory(result: SearchResult) -> list[dict]:
