@@ -298,30 +298,21 @@ def _prompt_set(model: str, name: str | None) -> tuple[str, list[str]]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    "Runs every algorithm on `--prompts` prompts of a prompt set (every `--stride`-th) at one budget; prints the table."
-    from noiseopt.bench import compare, format_comparison
+    "Runs the benchmark (`noiseopt.bench.bench_command`): every algorithm at every budget on a prompt set, or `--perf`."
+    from noiseopt.bench import bench_command
 
-    algos = _algos_and_counts(args, list_searches())
-    _, prompts = _prompt_set(args.model, args.prompt_set)
-    report = compare(prompts[:: args.stride][: args.prompts], algos, budget_samples=args.budget_samples, seed=args.seed,
-                     model=args.model, log=lambda m: print(m, file=sys.stderr))
-    print(format_comparison(report))
-    _write_json(args.json, report)
-    return 0
+    return bench_command(args)
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="compare the search algorithms at equal NFE budgets on a prompt set",
-                       description="Run each search algorithm on held-out prompts at the same NFE budget "
-                                   "and print mean baseline vs best verifier scores and checker accuracy.")
-    p.add_argument("--model", default="shapes", help="the model (default shapes)")
-    p.add_argument("--prompt-set", default=None, help="the model's prompt set (default: its first, shapes-eval on shapes)")
-    p.add_argument("--algos", default="random,zo,paths,both,steps", help="comma-separated algorithms (default all)")
-    p.add_argument("--prompts", type=int, default=16, help="how many prompts (default 16)")
-    p.add_argument("--stride", type=int, default=12, help="take every STRIDE-th prompt of the set (default 12)")
-    p.add_argument("--budget-samples", type=int, default=8, help="budget in samples' worth of NFEs (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first prompt's search (default 0)")
-    p.add_argument("--json", default=None, help="also write every prompt's figures to this file")
+    from noiseopt.bench import add_bench_arguments  # torch-free: the benchmark's arguments live beside its code
+
+    p = sub.add_parser("bench", help="score against NFEs for every search on a prompt set: the reference table, "
+                                     "the scaling curves; --perf: the framework's own cost",
+                       description="Run every (prompt, algorithm, budget) search, appending each to OUT/results.jsonl "
+                                   "(a stopped run resumes), then write table.md, table.csv and scaling.png. "
+                                   "`accelerate launch -m noiseopt.bench` takes the same arguments over many processes.")
+    add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
 
 # %% ../nbs/90_cli.ipynb #bbaf8075
@@ -348,7 +339,7 @@ def _add_sweep(sub) -> None:
     p.add_argument("--prompt-set", default=None, help="the model's prompt set (default: its first, shapes-eval on shapes)")
     p.add_argument("--algos", default="zo,paths,both", help="comma-separated algorithms to sweep (default zo,paths,both)")
     p.add_argument("--prompts", type=int, default=16, help="how many prompts (default 16)")
-    p.add_argument("--offset", type=int, default=6, help="first prompt of the set (default 6: disjoint from bench's)")
+    p.add_argument("--offset", type=int, default=6, help="first prompt of the set (default 6)")
     p.add_argument("--stride", type=int, default=12, help="take every STRIDE-th prompt (default 12)")
     p.add_argument("--budget-samples", type=int, default=8, help="budget in samples' worth of NFEs (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first prompt's search (default 0)")

@@ -5,10 +5,12 @@
 # %% ../nbs/07_viz.ipynb #23b00848
 from __future__ import annotations
 
+from typing import Sequence
+
 from .core import SearchResult
 
 # %% auto #0
-__all__ = ['trajectory', 'plot_trajectory', 'candidate_grid']
+__all__ = ['trajectory', 'plot_trajectory', 'candidate_grid', 'plot_scaling']
 
 # %% ../nbs/07_viz.ipynb #87336f9b
 def _eligible(result: SearchResult) -> list[int]:
@@ -82,4 +84,50 @@ def candidate_grid(result: SearchResult, top: int = 8):
             label = "baseline = best"
         ax.set_title(label + "\n" + "\n".join(f"{k} {v:.3g}" for k, v in c.scores.items()), fontsize=7)
     fig.tight_layout()
+    return fig
+
+# %% ../nbs/07_viz.ipynb #7be12953
+def plot_scaling(summary: dict, metrics: Sequence[str] | None = None):
+    """Returns a matplotlib figure of a benchmark's curves (`noiseopt.bench.summarize`): each metric's mean over prompts
+    against the NFEs spent (log scale), one line per algorithm with its 95% band, the one-sample baseline dashed."""
+    import math
+
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
+    from noiseopt.bench import method_label
+
+    ms = [m for m in summary["metrics"] if metrics is None or m["key"] in metrics or m["name"] in metrics]
+    fig, axes = plt.subplots(1, max(1, len(ms)), figsize=(4.2 * max(1, len(ms)), 3.6), squeeze=False)
+    base = summary["baseline"]
+    for ax, m in zip(axes[0], ms):
+        scale = 100 if m["kind"] == "checker" else 1
+        for a, s in summary["algos"].items():
+            pts = [p for p in s["points"] if p["n"] and not math.isnan(p[m["key"]]["mean"])]
+            if not pts:
+                continue
+            xs = [p["nfe"] for p in pts]
+            ys = [scale * p[m["key"]]["mean"] for p in pts]
+            lo = [scale * p[m["key"]]["lo"] for p in pts]
+            hi = [scale * p[m["key"]]["hi"] for p in pts]
+            label = method_label(a, summary) + (" (read off one run)" if s["from_trajectory"] else "")
+            line, = ax.plot(xs, ys, marker="o", markersize=3, label=label)
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+        b = base[m["key"]]
+        if b["n"]:
+            ax.axhline(scale * b["mean"], color="black", linestyle="--", linewidth=1, label="random noise (1 sample)")
+            ax.axhspan(scale * b["lo"], scale * b["hi"], color="gray", alpha=0.12, linewidth=0)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(summary["budgets"]))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlabel("NFEs spent (mean over prompts)")
+        ax.set_ylabel("checker accuracy (%)" if m["kind"] == "checker" else f"{m['label']}: mean score of the chosen image",
+                      fontsize=8)
+        ax.set_title(m["label"], fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=8, frameon=False)
+    fig.suptitle(summary.get("title", ""), fontsize=10)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     return fig
