@@ -205,10 +205,16 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(f"noiseopt: interrupted; every finished round is saved in {out}: run the same command again to resume",
               file=sys.stderr)
         return 130
-    from noiseopt.viz import candidate_grid, plot_trajectory
+    import matplotlib.pyplot as plt
 
-    candidate_grid(result).savefig(out / "grid.png", dpi=120)
-    plot_trajectory(result).savefig(out / "trajectory.png", dpi=120)
+    from noiseopt.samplers import model_entry
+    from noiseopt.viz import candidate_grid, compare, plot_trajectory
+
+    check = model_entry(args.model).check  # the exact checker's verdicts on the grid, where the model has one
+    for name, fig in (("grid", candidate_grid(result, checker=check)), ("trajectory", plot_trajectory(result)),
+                      ("compare", compare(result))):
+        fig.savefig(out / f"{name}.png", dpi=120)
+        plt.close(fig)
     base, best = result.baseline, result.best
     print(f"{result.algo} search: {result.nfe} of {result.settings['budget']} NFEs"
           f"{f' (+{result.baseline_nfe} for the baseline)' if result.baseline_nfe else ''}, "
@@ -223,7 +229,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if result.report.get("failed_candidates"):
         print(f"{len(result.report['failed_candidates'])} candidates had a failed verifier (NaN, ranked last): "
               f"see report in result.json")
-    print(f"wrote {out}/: best.png baseline.png grid.png trajectory.png result.json")
+    print(f"wrote {out}/: best.png baseline.png grid.png trajectory.png compare.png result.json")
     return 0
 
 
@@ -231,7 +237,7 @@ def _add_search(sub) -> None:
     p = sub.add_parser("search", help="search for a prompt's best initial noise (the main job)",
                        description="Search for the initial noise whose image the verifiers like best, within a budget of "
                                    "denoiser evaluations (NFEs), and write best.png, baseline.png, grid.png, "
-                                   "trajectory.png and result.json into --out. Rerun the same command to resume an "
+                                   "trajectory.png, compare.png and result.json into --out. Rerun the same command to resume an "
                                    "interrupted search.")
     p.add_argument("prompt", help="the text prompt (for --model shapes, a caption of the shapes world)")
     p.add_argument("--model", default="shapes",

@@ -46,7 +46,7 @@ def test_cli_search_writes_its_files(tmp_path):
     out = tmp_path / "run"
     done = run("search", "a red circle left of a blue square", "--budget", "100", "--out", str(out), "--quiet")
     assert done.returncode == 0, done.stderr
-    for name in ("best.png", "baseline.png", "grid.png", "trajectory.png", "result.json"):
+    for name in ("best.png", "baseline.png", "grid.png", "trajectory.png", "compare.png", "result.json"):
         assert (out / name).is_file(), name
     record = json.loads((out / "result.json").read_text())
     assert record["nfe"] <= 100 and record["settings"]["verifiers"] == ["clip", "aesthetic"]
