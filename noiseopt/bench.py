@@ -396,13 +396,13 @@ def benchmark(out: str | os.PathLike, model: str = "shapes", prompts: str | Sequ
     Prompt `k` is searched with seed `seed + k` by every algorithm, so all share its baseline noise. Run again with the
     same arguments, a stopped benchmark does only what is left. Under `accelerate launch` the prompts are shared out
     across the processes, and the main one gathers the results."""
-    from noiseopt.registry import list_searches
+    from noiseopt.registry import list_searches, parse_spec
     from noiseopt.samplers import model_entry
     from noiseopt.ensemble import Ensemble
     from noiseopt.search import loaded, make_search, verifier_loaders
 
     algos, budgets = list(algos), sorted({int(b) for b in budgets})
-    unknown = [a for a in algos if a not in list_searches()]
+    unknown = [a for a in algos if parse_spec(a)[0] not in list_searches()]  # a name, or a spec: "zo:lam=0.9"
     if unknown or not algos:
         raise ConfigError(f"unknown algorithm(s) {unknown}: use some of {', '.join(list_searches())}")
     if not budgets or budgets[0] < 1 or stride < 1 or (limit is not None and limit < 1):

@@ -155,7 +155,7 @@ def image_grid(images, titles: Sequence[str] | None = None, scores: Sequence[dic
         ax.set_title("\n".join(text), fontsize=7)
     if suptitle:
         fig.suptitle(suptitle, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()) if suptitle else None)
     return fig
 
 
@@ -210,7 +210,7 @@ def compare(baseline, best=None, prompt: str | None = None, checker=None):
     table.scale(1, 1.4)
     if prompt:
         fig.suptitle(prompt, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()) if prompt else None)
     return fig
 
 # %% ../nbs/07_viz.ipynb #7be12953
