@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Writes README.md from nbs/index.ipynb with nbconvert (Quarto, nbdev's usual tool, is not used).
 
-Cells marked `#| hide` are left out and nbdev's `#|` directives are stripped. With --check, exits 1
+Cells marked `#| hide` are left out and nbdev's `#|` directives are stripped; links relative to nbs/
+(images/, tutorials/, bench/) are made relative to the repository's root. With --check, exits 1
 instead of writing when README.md is not what the notebook makes."""
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -28,6 +30,8 @@ def render(notebook: Path) -> str:
     nb.cells = cells
     nb.metadata["language_info"] = {"name": "python"}
     body, _ = MarkdownExporter().from_notebook_node(nb)
+    # links relative to nbs/ (images, tutorials, benchmark files) are relative to the root in README.md
+    body = re.sub(r"\]\((images|tutorials|bench)/", r"](nbs/\1/", body)
     header = "<!-- generated from nbs/index.ipynb by .ci/build_readme.py: edit the notebook, not this file -->\n\n"
     return header + body.strip() + "\n"
 

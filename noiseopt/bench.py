@@ -430,6 +430,7 @@ def benchmark(out: str | os.PathLike, model: str = "shapes", prompts: str | Sequ
     mine = [k for k in range(state.process_index, len(prompt_list), state.num_processes)]
     todo = [(k, a, [b for b in budgets if (k, prompt_list[k], a, b) not in done]) for k in mine for a in algos]
     todo = [t for t in todo if t[2]]
+    made: list[dict] = []  # this process's rows: also sent to the main process, for machines that share no disk
     if todo:
         sampler = entry.load_sampler()
         ens = Ensemble([loaded(load()) for load in search_loaders], method=ensemble)
@@ -440,10 +441,19 @@ def benchmark(out: str | os.PathLike, model: str = "shapes", prompts: str | Sequ
             t0 = time.perf_counter()
             prefix = trajectories and algo in PREFIX_ALGOS
             rows = search_rows(make, k, prompt_list[k], algo, budgets if prefix else left, seed + k, judges, prefix)
-            _append_rows(results, [r for r in rows if row_key(r) not in done])
+            rows = [r for r in rows if row_key(r) not in done]
+            _append_rows(results, rows)
+            made += rows
             if log:
                 log(f"bench[{state.process_index}]: {n + 1}/{len(todo)} prompt {k} {algo} budgets {left} "
                     f"in {time.perf_counter() - t0:.1f}s")
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        gathered = gather_object(made)  # every process's rows, to the main process's disk too (multi-node)
+        if state.is_main_process:
+            have = {row_key(r) for r in read_results(results)}
+            _append_rows(results, [r for r in gathered if row_key(r) not in have])
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
