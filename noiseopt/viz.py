@@ -180,15 +180,12 @@ def compare(baseline, best=None, prompt: str | None = None, checker=None):
     Pass a `SearchResult` alone, or two candidates (and the prompt); `checker` adds the verdicts."""
     import matplotlib.pyplot as plt
 
-    if best is None:  # a search result
+    verdicts = None
+    if best is None:  # a search result, with the verdicts its search recorded where there are some
         result = baseline
         baseline, best, prompt = result.baseline, result.best, result.prompt
-        if checker is None and "checker" in result.report:
-            verdicts = [result.report["checker"].get(w, {}).get("passed") for w in ("baseline", "best")]
-        else:
-            verdicts = None
-    else:
-        verdicts = None
+        stored = result.report.get("checker", {})
+        verdicts = [stored[w].get("passed") for w in ("baseline", "best")] if stored else None
     if checker is not None:
         verdicts = [bool(checker(c.image, prompt).passed) for c in (baseline, best)]
     names = list(best.scores)
