@@ -85,11 +85,12 @@ def cmd_shapes_train(args: argparse.Namespace) -> int:
 
     args.model_steps = DEFAULT_STEPS["model"] if args.model_steps is None else args.model_steps
     args.clip_steps = DEFAULT_STEPS["clip"] if args.clip_steps is None else args.clip_steps
+    args.order_steps = DEFAULT_STEPS["order"] if args.order_steps is None else args.order_steps
     if args.threads:
         torch.set_num_threads(args.threads)
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     done = train(args.out, minutes=args.minutes, seed=args.seed, parts=parts, model_steps=args.model_steps,
-                 clip_steps=args.clip_steps)
+                 clip_steps=args.clip_steps, order_steps=args.order_steps)
     print("finished" if done else "stopped at the time limit: run the same command again to resume")
     return 0 if done else 3
 
@@ -124,11 +125,15 @@ def _add_shapes(sub) -> None:
     tr.add_argument("--out", required=True, help="folder for checkpoints, the log and the trained models")
     tr.add_argument("--minutes", type=float, default=90.0, help="stop (resumably) after this many minutes (default 90)")
     tr.add_argument("--seed", type=int, default=0, help="seed of the weights and of every training batch (default 0)")
-    tr.add_argument("--parts", default="model,clip", help="what to train: model, clip, or both (default model,clip)")
+    tr.add_argument("--parts", default="model,clip,order",
+                    help="what to train: model, clip (the CLIP's first phase), order (its second, from the first's "
+                         "weights in OUT), comma-separated (default model,clip,order)")
     tr.add_argument("--model-steps", type=int, default=None,
                     help="training steps of the model (default: the shipped model's, shapes_train.DEFAULT_STEPS)")
     tr.add_argument("--clip-steps", type=int, default=None,
                     help="training steps of the CLIP and head (default: the shipped ones', shapes_train.DEFAULT_STEPS)")
+    tr.add_argument("--order-steps", type=int, default=None,
+                    help="training steps of the CLIP's second phase, word order (default: shapes_train.DEFAULT_STEPS)")
     tr.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     tr.set_defaults(func=cmd_shapes_train)
     ev = ssub.add_parser("eval", help="evaluate the shapes models on the held-out shapes-eval prompts",

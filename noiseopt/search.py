@@ -26,8 +26,8 @@ from .samplers import check_prompt, require_restartable
 __all__ = ['ZO_DEFAULTS', 'PATH_DEFAULTS', 'SPLIT_DEFAULT', 'derive_seed', 'noise_key', 'Run', 'is_final', 'RunRecord',
            'search_state', 'state_to_json', 'state_from_json', 'CheckpointStore', 'Search', 'RandomState',
            'RandomSearch', 'neighbor', 'rebuild_noise', 'PivotState', 'ZeroOrderSearch', 'path_steps', 'PathState',
-           'PathSearch', 'PhaseState', 'CombinedSearch', 'SeedState', 'MoreSteps', 'make_search', 'verifier_loaders',
-           'loaded', 'search_noise']
+           'PathSearch', 'PhaseState', 'CombinedSearch', 'SeedState', 'more_steps', 'MoreSteps', 'make_search',
+           'verifier_loaders', 'loaded', 'search_noise']
 
 # %% ../nbs/06_search.ipynb #52c9c38a
 def derive_seed(seed: int, k: int) -> int:
@@ -695,17 +695,37 @@ class SeedState:
     seed: int
 
 
+def more_steps(sampler, num_steps: int):
+    """Returns `sampler` with `num_steps` denoising steps, its schedule starting no lower than `sampler`'s own: a
+    leading-spacing schedule that would start lower (`T // num_steps` too coarse to reach the top) is made trailing."""
+    scheduler = getattr(sampler, "scheduler", None)
+    config = getattr(scheduler, "config", {})
+    train_steps = config.get("num_train_timesteps")
+    if train_steps is not None and num_steps > train_steps:
+        raise BudgetError(f"more steps than the model was trained with: {num_steps} > {train_steps}; give the "
+                          f"'steps' baseline a budget of at most {train_steps} NFEs")
+    short_t = getattr(sampler, "timesteps", None)
+    if short_t is not None and config.get("timestep_spacing") == "leading":
+        ratio = train_steps // num_steps
+        first = ratio * (num_steps - 1) + config.get("steps_offset", 0)  # where the leading grid would start
+        if first < float(short_t[0]) or first >= train_steps:
+            trailing = type(scheduler).from_config(config, timestep_spacing="trailing")
+            return sampler.replace(num_steps=num_steps, scheduler=trailing)
+    return sampler.replace(num_steps=num_steps)
+
+
 class MoreSteps(Search):
     "The baseline: the same budget spent on more denoising steps for the first noise."
     algo = "steps"
 
     def begin(self, run):
+        more_steps(self.sampler, run.budget.total)  # a budget the schedule cannot take fails before any NFE is spent
         seed = run.next_seeds(1)[0]
         self.sample_baseline(run, seed)
         return SeedState(seed)
 
     def advance(self, run, state):
-        long = self.sampler.replace(num_steps=run.budget.total)
+        long = more_steps(self.sampler, run.budget.total)
         run.charge(long.num_steps)
         latents = long.denoise(long.noise([state.seed]), run.cond, seeds=[state.seed])
         run.extra_nfe = long.nfe

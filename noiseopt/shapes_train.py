@@ -17,13 +17,15 @@ import torch
 import torch.nn.functional as F
 
 from .core import ConfigError
-from .shapes import COLORS, POSITIONS, RELATIONS, SHAPES, Spec, caption, perturb, render, scenes
+from .shapes import (COLORS, POSITIONS, RELATIONS, SHAPES, TRAIN_SPECS, Spec, caption, perturb, random_spec,
+                             render, scenes)
 
 # %% auto #0
 __all__ = ['SPECIALS', 'WORDS', 'MAX_TOKENS', 'DEGRADATIONS', 'RESTART_AT', 'PHASE2_WEIGHTS', 'CLIP_WEIGHTS', 'DEFAULT_STEPS',
            'shapes_tokenizer', 'text_config', 'build_unet', 'build_text_encoder', 'build_clip', 'noise_schedule_config',
-           'sampling_scheduler', 'degrade', 'model_lr', 'train_model', 'negative_render', 'train_clip', 'train',
-           'train_prompts', 'with_settings', 'sample_prompt', 'evaluate', 'format_report', 'verdict_grid']
+           'sampling_scheduler', 'degrade', 'model_lr', 'train_model', 'swapped', 'render_pair', 'negative_render',
+           'negative_caption', 'train_clip', 'train_order', 'train', 'train_prompts', 'with_settings', 'sample_prompt',
+           'evaluate', 'format_report', 'verdict_grid']
 
 # %% ../nbs/04_shapes_train.ipynb #0286e354
 SPECIALS = ["[PAD]", "[UNK]", "<bos>", "<eos>"]
@@ -338,18 +340,60 @@ def _add_copy(canvas: np.ndarray, obj: tuple[str, str], rng: np.random.Generator
     return False
 
 
-def negative_render(spec: Spec, rng: np.random.Generator) -> np.ndarray:
+def swapped(spec: Spec) -> Spec | None:
+    """Returns the spec with its two objects' places or attributes exchanged, or `None` where that changes nothing.
+
+    A relation's objects exchange places ("a red circle left of a blue square" becomes the blue square left of the
+    red circle): the mistake the shapes model makes most often on relations, and the one a bag-of-objects CLIP cannot
+    see. Two objects exchange their colours (or, of one colour, their shapes): the attribute-binding mistake."""
+    if len(spec.objects) != 2 or spec.objects[0] == spec.objects[1]:
+        return None
+    (c1, s1), (c2, s2) = spec.objects
+    if spec.construction == "relation":
+        return Spec("relation", ((c2, s2), (c1, s1)), relation=spec.relation)
+    rebound = ((c2, s1), (c1, s2)) if c1 != c2 else ((c1, s2), (c2, s1))
+    return None if set(rebound) == set(spec.objects) else Spec(spec.construction, rebound)
+
+
+def render_pair(spec: Spec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+    """Returns a scene of `spec` and, where `swapped(spec)` exists, the same scene with its two objects' identities
+    exchanged: same background, places, sizes and colour jitter, so that the pair differs in nothing but which
+    object is where (a relation) or which colour goes with which shape (two objects). `None` for the others."""
+    from noiseopt.shapes import SIZE, _background, _draw, _jitter, _place
+
+    if swapped(spec) is None:
+        return render(spec, rng), None
+    background = _background(rng)
+    sizes = [int(rng.integers(7, 12)) for _ in spec.objects]
+    places = _place(rng, spec, sizes)
+    colors = [_jitter(rng, COLORS[c]) for c, _ in spec.objects]
+    shapes = [s for _, s in spec.objects]
+    true, other = (np.empty((SIZE, SIZE, 3), dtype=np.uint8) for _ in range(2))
+    true[:], other[:] = background, background
+    for k, ((cx, cy), size) in enumerate(zip(places, sizes)):
+        _draw(true, shapes[k], cx, cy, size, colors[k])
+        if spec.construction == "relation":  # the other object in this place, at this place's size
+            _draw(other, shapes[1 - k], cx, cy, size, colors[1 - k])
+        else:  # this shape in the other object's colour (`swapped` exists only where the colours differ)
+            _draw(other, shapes[k], cx, cy, size, colors[1 - k])
+    return true, other
+
+
+def negative_render(spec: Spec, rng: np.random.Generator, kind: str | None = None) -> np.ndarray:
     """Returns a `32 x 32 x 3` scene that the caption of `spec` does not describe: with one attribute changed, with one
     more copy of a named object (the commonest fault of generated images), for two objects with one left out, and for
-    a position or relation with the objects placed otherwise (the attribute a tiny CLIP learns last)."""
+    a position or relation with the objects placed otherwise (the attribute a tiny CLIP learns last); drawn among
+    these unless `kind` names one, or `"swapped"`: the objects' places or colours exchanged (`swapped`)."""
     kinds = ["changed", "extra"] + (["dropped"] if spec.construction in ("two", "relation") else [])
     kinds += ["moved"] if spec.construction in ("position", "relation") else []
-    kind = kinds[int(rng.integers(len(kinds)))]
-    if kind == "dropped":
+    kind = kind if kind is not None else kinds[int(rng.integers(len(kinds)))]
+    if kind == "swapped" and swapped(spec) is not None:
+        return render(swapped(spec), rng)
+    if kind == "dropped" and len(spec.objects) == 2:
         return render(Spec("single", (spec.objects[int(rng.integers(2))],)), rng)
-    if kind == "moved":
-        if spec.position:
-            return render(Spec("position", spec.objects, position=rng.choice([p for p in POSITIONS if p != spec.position])), rng)
+    if kind == "moved" and spec.position:
+        return render(Spec("position", spec.objects, position=rng.choice([p for p in POSITIONS if p != spec.position])), rng)
+    if kind == "moved" and spec.relation:
         return render(Spec("relation", spec.objects, relation=rng.choice([r for r in RELATIONS if r != spec.relation])), rng)
     if kind == "extra":
         canvas = render(spec, rng)
@@ -358,8 +402,29 @@ def negative_render(spec: Spec, rng: np.random.Generator) -> np.ndarray:
     return render(perturb(spec, rng), rng)
 
 
+def negative_caption(spec: Spec, rng: np.random.Generator) -> str:
+    "Returns a caption false of `spec`'s scene: its objects exchanged (half the time, where that says something else), else one attribute changed."
+    other = swapped(spec)
+    if other is not None and rng.random() < 0.5:
+        return caption(other, short_relation=bool(rng.integers(2)))
+    return caption(perturb(spec, rng), short_relation=bool(rng.integers(2)))
+
+
 #: Constructions in the CLIP's batches: the spatial ones, which generated images most often get wrong, more often.
 CLIP_WEIGHTS = {"single": 0.5, "position": 1.5, "two": 1.0, "relation": 2.0, "count": 0.5}
+
+
+def _save_clip(out: Path, clip, head) -> None:
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessor
+
+    from noiseopt.verifiers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    clip.eval().save_pretrained(out / "clip")
+    shapes_tokenizer().save_pretrained(out / "clip")  # a fresh one: the training calls leave padding state in it
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=list(OPENAI_CLIP_MEAN),
+                       image_std=list(OPENAI_CLIP_STD)).save_pretrained(out / "clip")
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out / "aesthetic.safetensors"))
 
 
 def train_clip(out: Path, steps: int, seed: int, deadline: float, log: _Log, batch_size: int = 64, lr: float = 2e-3,
@@ -370,10 +435,7 @@ def train_clip(out: Path, steps: int, seed: int, deadline: float, log: _Log, bat
     with one attribute changed (which image does this caption describe?), and each caption with every image of the
     batch and with a `negative_render` of its scene: which of these images does this caption describe? The
     second direction is the verifier's job in a search, where one prompt ranks many images."""
-    from safetensors.torch import save_file
-    from transformers import CLIPImageProcessor
-
-    from noiseopt.verifiers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, AestheticHead, clip_preprocess
+    from noiseopt.verifiers import AestheticHead, clip_preprocess
 
     torch.manual_seed(seed + 1)
     clip, head = build_clip(), AestheticHead(64, (256, 64, 32, 16))
@@ -401,21 +463,77 @@ def train_clip(out: Path, steps: int, seed: int, deadline: float, log: _Log, bat
         return False
     clip.load_state_dict(ema["clip"])
     head.load_state_dict(ema["head"])
-    clip.eval().save_pretrained(out / "clip")
-    shapes_tokenizer().save_pretrained(out / "clip")  # a fresh one: the training calls leave padding state in it
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=list(OPENAI_CLIP_MEAN),
-                       image_std=list(OPENAI_CLIP_STD)).save_pretrained(out / "clip")
-    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out / "aesthetic.safetensors"))
+    _save_clip(out, clip, head)
     log(f"clip: saved to {out / 'clip'} and {out / 'aesthetic.safetensors'}")
     return True
 
+
+def train_order(out: Path, steps: int, seed: int, deadline: float, log: _Log, batch_size: int = 64, lr: float = 1e-3,
+                order_weight: float = 20.0, quality_weight: float = 1.0) -> bool:
+    """Teaches the CLIP in `out/clip` (and its head) word order; saves both back in place; returns whether it finished.
+
+    The second phase of the CLIP's training, from the first phase's weights. Each caption meets every image of the
+    batch, a `negative_render` of any kind, and its own scene with the objects exchanged (`render_pair`; a second
+    `negative_render` where nothing can be exchanged); each image meets every caption and a `negative_caption`. The
+    exchanged pairs are asked once more on their own (scene or exchanged scene?), weighted by `order_weight`: the
+    two differ in nothing but order, which a CLIP that reads its captions as bags of words cannot see, and the
+    weight is what breaks that symmetry (at weight 1 the order was still at chance after 2,000 steps)."""
+    from safetensors.torch import load_file
+    from transformers import CLIPModel
+
+    from noiseopt.verifiers import AestheticHead, clip_preprocess
+
+    if not (out / "clip" / "config.json").is_file():
+        raise ConfigError(f"{out / 'clip'} has no CLIP to teach word order: train the 'clip' part first")
+    clip = CLIPModel.from_pretrained(out / "clip")
+    head = AestheticHead(64, (256, 64, 32, 16))
+    head.load_state_dict(load_file(str(out / "aesthetic.safetensors")))
+    tokenizer = shapes_tokenizer()
+
+    def loss_fn(step: int) -> torch.Tensor:
+        rng = np.random.default_rng([seed, 3, step])
+        specs = [random_spec(rng, TRAIN_SPECS, CLIP_WEIGHTS) for _ in range(batch_size)]
+        pairs = [render_pair(s, rng) for s in specs]
+        texts = [caption(s, short_relation=bool(rng.integers(2))) for s in specs]
+        negatives = [negative_caption(s, rng) for s in specs]
+        wrong = [negative_render(s, rng) for s in specs] + [o if o is not None else negative_render(s, rng)
+                                                            for s, (_, o) in zip(specs, pairs)]
+        images = torch.from_numpy(np.stack([t for t, _ in pairs] + wrong)).permute(0, 3, 1, 2).float() / 255
+        images, quality = degrade(images, rng)
+        img = F.normalize(clip.get_image_features(pixel_values=clip_preprocess(images, 32)).pooler_output, dim=-1)
+        txt = F.normalize(clip.get_text_features(input_ids=_tokens(tokenizer, texts + negatives)).pooler_output, dim=-1)
+        scale = clip.logit_scale.exp().clamp(max=100)
+        target = torch.arange(batch_size)
+        image_to_text = scale * img[:batch_size] @ txt.T
+        text_to_image = scale * txt[:batch_size] @ img.T  # images: the scenes, any negatives, exchanged scenes
+        contrastive = (F.cross_entropy(image_to_text, target) + F.cross_entropy(text_to_image, target)) / 2
+        paired = torch.tensor([o is not None for _, o in pairs])
+        exchanged = torch.stack([text_to_image.diagonal(), text_to_image[target, 2 * batch_size + target]], 1)[paired]
+        order = F.cross_entropy(exchanged, torch.zeros(len(exchanged), dtype=torch.long))
+        aesthetic = F.mse_loss(head(img), quality) / 10
+        return contrastive + order_weight * order + quality_weight * aesthetic
+
+    ema = _loop("order", out, {"clip": clip, "head": head}, loss_fn, steps, lambda step: _lr(step, steps, lr, warmup=100),
+                seed, log, deadline)
+    if ema is None:
+        return False
+    clip.load_state_dict(ema["clip"])
+    head.load_state_dict(ema["head"])
+    _save_clip(out, clip, head)
+    log(f"order: saved to {out / 'clip'} and {out / 'aesthetic.safetensors'}")
+    return True
+
 # %% ../nbs/04_shapes_train.ipynb #d1e3bc17
-DEFAULT_STEPS = {"model": 11000, "clip": 5000}
+DEFAULT_STEPS = {"model": 11000, "clip": 5000, "order": 1500}
 
 
-def train(out: str | Path, minutes: float = 90.0, seed: int = 0, parts: tuple[str, ...] = ("model", "clip"),
-          model_steps: int = DEFAULT_STEPS["model"], clip_steps: int = DEFAULT_STEPS["clip"]) -> bool:
-    "Trains the shapes models into `out` (resuming what is there) for at most `minutes`; returns whether all finished."
+def train(out: str | Path, minutes: float = 90.0, seed: int = 0, parts: tuple[str, ...] = ("model", "clip", "order"),
+          model_steps: int = DEFAULT_STEPS["model"], clip_steps: int = DEFAULT_STEPS["clip"],
+          order_steps: int = DEFAULT_STEPS["order"]) -> bool:
+    """Trains the shapes models into `out` (resuming what is there) for at most `minutes`; returns whether all finished.
+
+    The parts: `model` (the text-to-image model), `clip` (the CLIP and aesthetic head's first phase) and `order`
+    (their second phase, from the first's weights in `out`)."""
     out = Path(out)
     unknown = set(parts) - set(DEFAULT_STEPS)
     if unknown:
@@ -425,15 +543,18 @@ def train(out: str | Path, minutes: float = 90.0, seed: int = 0, parts: tuple[st
     out.mkdir(parents=True, exist_ok=True)
     log = _Log(out / "train.log")
     deadline = time.time() + 60 * minutes
-    log(f"train: parts {parts}, seed {seed}, steps model {model_steps} clip {clip_steps}, {minutes} min, "
-        f"torch threads {torch.get_num_threads()}")
+    log(f"train: parts {parts}, seed {seed}, steps model {model_steps} clip {clip_steps} order {order_steps}, "
+        f"{minutes} min, torch threads {torch.get_num_threads()}")
     done = True
     if "model" in parts:
         done = train_model(out, model_steps, seed, deadline, log) and done
     if "clip" in parts and time.time() < deadline:
         done = train_clip(out, clip_steps, seed, deadline, log) and done
+    if "order" in parts and done and time.time() < deadline:
+        done = train_order(out, order_steps, seed, deadline, log) and done
     (out / "train.json").write_text(json.dumps({"seed": seed, "parts": list(parts), "model_steps": model_steps,
-                                                "clip_steps": clip_steps, "finished": done}, indent=1))
+                                                "clip_steps": clip_steps, "order_steps": order_steps, "finished": done},
+                                               indent=1))
     return done
 
 # %% ../nbs/04_shapes_train.ipynb #2ed5ad61

@@ -8,7 +8,7 @@ import torch
 
 from noiseopt.core import ConfigError, ModelNotFoundError, PromptError
 from noiseopt.shapes import (CONSTRUCTIONS, EVAL_SPECS, SHAPES_EVAL, TRAIN_SPECS, all_specs, assets_path, caption,
-                             check, checker_rates, parse, perturb, random_spec, render, scenes)
+                             Spec, check, checker_rates, parse, perturb, random_spec, render, scenes)
 from noiseopt.shapes_train import train_prompts
 
 
@@ -84,6 +84,34 @@ def test_negative_renders_make_the_caption_false():
     # the checker passes about 1% of one-attribute-changed captions on clean scenes; the same bound holds here
     assert passed <= 6, passed
     assert extra >= 50 and dropped >= 20, (extra, dropped)
+
+
+def test_swapped_negatives_exchange_a_relations_objects():
+    from noiseopt.shapes_train import negative_caption, negative_render, render_pair, swapped
+
+    rng = np.random.default_rng(6)
+    relations = [s for s in TRAIN_SPECS if s.construction == "relation" and s.objects[0] != s.objects[1]]
+    failed_on_relation = 0
+    for spec in relations[:40]:
+        other = swapped(spec)
+        assert other.relation == spec.relation and other.objects == spec.objects[::-1]
+        verdict = check(negative_render(spec, rng, kind="swapped"), caption(spec))
+        failed_on_relation += verdict.objects and verdict.count and verdict.relation is False
+    assert failed_on_relation >= 36, failed_on_relation  # the objects all there, in the opposite order
+    two = Spec("two", (("red", "circle"), ("blue", "square")))
+    assert swapped(two) == Spec("two", (("blue", "circle"), ("red", "square")))
+    assert swapped(Spec("two", (("red", "circle"), ("red", "square")))) is None  # exchanging changes nothing
+    assert swapped(Spec("single", (("red", "circle"),))) is None
+    for spec in relations[:20] + [two]:  # a pair differs in nothing but the exchange
+        true, other = render_pair(spec, rng)
+        assert check(torch.from_numpy(true).permute(2, 0, 1).float() / 255, caption(spec)).passed
+        exchanged = torch.from_numpy(other).permute(2, 0, 1).float() / 255
+        assert not check(exchanged, caption(spec)).passed and check(exchanged, caption(swapped(spec))).passed
+        assert ((true != other).any(-1) == 0).sum() > 0.5 * true.shape[0] * true.shape[1]  # the background is shared
+    assert render_pair(Spec("single", (("red", "circle"),)), rng)[1] is None
+    captions = {negative_caption(relations[0], rng) for _ in range(40)}
+    assert caption(swapped(relations[0])) in captions or caption(swapped(relations[0]), short_relation=True) in captions
+    assert caption(relations[0]) not in captions and len(captions) > 3
 
 
 @pytest.fixture(scope="module")
@@ -168,11 +196,13 @@ def test_training_smoke_run_and_resume(tmp_path):
     from noiseopt.shapes import load
     from noiseopt.shapes_train import train
 
-    assert train(tmp_path, minutes=5, model_steps=2, clip_steps=2)
+    with pytest.raises(ConfigError, match="train the 'clip' part first"):
+        train(tmp_path, minutes=5, parts=("order",), order_steps=2)
+    assert train(tmp_path, minutes=5, model_steps=2, clip_steps=2, order_steps=2)
     log = (tmp_path / "train.log").read_text()
-    assert "model: step 2/2" in log and "clip: step 2/2" in log
-    assert train(tmp_path, minutes=5, model_steps=3, clip_steps=3)
-    assert (tmp_path / "train.log").read_text().count("resumed at step 2") == 2
+    assert "model: step 2/2" in log and "clip: step 2/2" in log and "order: step 2/2" in log
+    assert train(tmp_path, minutes=5, model_steps=3, clip_steps=3, order_steps=3)
+    assert (tmp_path / "train.log").read_text().count("resumed at step 2") == 3
     small = load(tmp_path)
     images = small.sampler.decode(small.sampler.denoise(small.sampler.noise([0]), small.sampler.condition("a red circle")))
     assert images.shape == (1, 3, 32, 32)
