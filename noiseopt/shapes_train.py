@@ -414,17 +414,24 @@ def negative_caption(spec: Spec, rng: np.random.Generator) -> str:
 CLIP_WEIGHTS = {"single": 0.5, "position": 1.5, "two": 1.0, "relation": 2.0, "count": 0.5}
 
 
-def _save_clip(out: Path, clip, head) -> None:
+def _save_clip(name: str, out: Path, ema: dict | None, clip, head, log: _Log) -> bool:
+    "Saves the EMA weights of a finished CLIP phase `name` to `out/clip` and `out/aesthetic.safetensors`; False if stopped."
     from safetensors.torch import save_file
     from transformers import CLIPImageProcessor
 
     from noiseopt.verifiers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+    if ema is None:
+        return False
+    clip.load_state_dict(ema["clip"])
+    head.load_state_dict(ema["head"])
     clip.eval().save_pretrained(out / "clip")
     shapes_tokenizer().save_pretrained(out / "clip")  # a fresh one: the training calls leave padding state in it
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=list(OPENAI_CLIP_MEAN),
                        image_std=list(OPENAI_CLIP_STD)).save_pretrained(out / "clip")
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out / "aesthetic.safetensors"))
+    log(f"{name}: saved to {out / 'clip'} and {out / 'aesthetic.safetensors'}")
+    return True
 
 
 def train_clip(out: Path, steps: int, seed: int, deadline: float, log: _Log, batch_size: int = 64, lr: float = 2e-3,
@@ -459,13 +466,7 @@ def train_clip(out: Path, steps: int, seed: int, deadline: float, log: _Log, bat
 
     ema = _loop("clip", out, {"clip": clip, "head": head}, loss_fn, steps, lambda step: _lr(step, steps, lr), seed, log,
                 deadline)
-    if ema is None:
-        return False
-    clip.load_state_dict(ema["clip"])
-    head.load_state_dict(ema["head"])
-    _save_clip(out, clip, head)
-    log(f"clip: saved to {out / 'clip'} and {out / 'aesthetic.safetensors'}")
-    return True
+    return _save_clip("clip", out, ema, clip, head, log)
 
 
 def train_order(out: Path, steps: int, seed: int, deadline: float, log: _Log, batch_size: int = 64, lr: float = 1e-3,
@@ -515,13 +516,7 @@ def train_order(out: Path, steps: int, seed: int, deadline: float, log: _Log, ba
 
     ema = _loop("order", out, {"clip": clip, "head": head}, loss_fn, steps, lambda step: _lr(step, steps, lr, warmup=100),
                 seed, log, deadline)
-    if ema is None:
-        return False
-    clip.load_state_dict(ema["clip"])
-    head.load_state_dict(ema["head"])
-    _save_clip(out, clip, head)
-    log(f"order: saved to {out / 'clip'} and {out / 'aesthetic.safetensors'}")
-    return True
+    return _save_clip("order", out, ema, clip, head, log)
 
 # %% ../nbs/04_shapes_train.ipynb #d1e3bc17
 DEFAULT_STEPS = {"model": 11000, "clip": 5000, "order": 1500}
