@@ -345,14 +345,14 @@ def swapped(spec: Spec) -> Spec | None:
 
     A relation's objects exchange places ("a red circle left of a blue square" becomes the blue square left of the
     red circle): the mistake the shapes model makes most often on relations, and the one a bag-of-objects CLIP cannot
-    see. Two objects exchange their colours (or, of one colour, their shapes): the attribute-binding mistake."""
+    see. Two objects of other colours and shapes exchange their colours: the attribute-binding mistake (of one colour
+    or one shape, exchanging changes nothing)."""
     if len(spec.objects) != 2 or spec.objects[0] == spec.objects[1]:
         return None
     (c1, s1), (c2, s2) = spec.objects
     if spec.construction == "relation":
         return Spec("relation", ((c2, s2), (c1, s1)), relation=spec.relation)
-    rebound = ((c2, s1), (c1, s2)) if c1 != c2 else ((c1, s2), (c2, s1))
-    return None if set(rebound) == set(spec.objects) else Spec(spec.construction, rebound)
+    return None if c1 == c2 or s1 == s2 else Spec(spec.construction, ((c2, s1), (c1, s2)))
 
 
 def render_pair(spec: Spec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:

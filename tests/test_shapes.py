@@ -101,6 +101,7 @@ def test_swapped_negatives_exchange_a_relations_objects():
     two = Spec("two", (("red", "circle"), ("blue", "square")))
     assert swapped(two) == Spec("two", (("blue", "circle"), ("red", "square")))
     assert swapped(Spec("two", (("red", "circle"), ("red", "square")))) is None  # exchanging changes nothing
+    assert swapped(Spec("two", (("red", "circle"), ("blue", "circle")))) is None
     assert swapped(Spec("single", (("red", "circle"),))) is None
     for spec in relations[:20] + [two]:  # a pair differs in nothing but the exchange
         true, other = render_pair(spec, rng)
