@@ -95,3 +95,28 @@ def test_cli_search_unwritable_out(tmp_path):
     blocker.write_text("x")
     bad = run("search", "a red circle", "--budget", "50", "--out", str(blocker / "sub"), "--quiet")
     assert bad.returncode == 2 and "output folder" in bad.stderr
+
+
+def test_live_trajectory_draws_once_then_updates_in_place(monkeypatch):
+    import IPython.display
+
+    from noiseopt.search import search_noise
+    from noiseopt.viz import LiveTrajectory
+
+    calls = []
+
+    class Handle:
+        def update(self, fig):
+            calls.append(("update", len(fig.axes[0].lines[0].get_xdata())))
+
+    def display(fig, display_id=False):
+        calls.append(("display", len(fig.axes[0].lines[0].get_xdata())))
+        return Handle() if display_id else None
+
+    monkeypatch.setattr(IPython.display, "display", display)
+    live = LiveTrajectory(every=2)
+    search_noise("a red circle", algo="zo", budget=250, seed=0, callback=live)
+    assert live.rounds >= 4 and len(calls) == live.rounds // 2, (live.rounds, calls)
+    assert [kind for kind, _ in calls] == ["display"] + ["update"] * (len(calls) - 1)  # one output, redrawn
+    points = [n for _, n in calls]
+    assert points == sorted(points) and points[-1] > points[0]  # each redraw shows more of the search
