@@ -18,7 +18,7 @@ import torch
 
 from .core import Budget, Candidate, SearchResult, _atomic_write, from_pil, generators_from_seeds, to_pil
 from .ensemble import Ensemble
-from .errors import BudgetError, ConfigError, shorten
+from .errors import BudgetError, ConfigError, NoiseoptError, shorten
 from .registry import SEARCHES, factory_options
 from .samplers import check_prompt, require_restartable
 
@@ -697,21 +697,23 @@ class SeedState:
 
 def more_steps(sampler, num_steps: int):
     """Returns `sampler` with `num_steps` denoising steps, its schedule starting no lower than `sampler`'s own: a
-    leading-spacing schedule that would start lower (`T // num_steps` too coarse to reach the top) is made trailing."""
+    leading-spacing schedule that would start lower (`T // num_steps` too coarse to reach the top) or past its end is
+    made trailing. A step count the scheduler refuses (DDIM: more than the model's training timesteps) is a
+    `BudgetError`."""
     scheduler = getattr(sampler, "scheduler", None)
-    config = getattr(scheduler, "config", {})
-    train_steps = config.get("num_train_timesteps")
-    if train_steps is not None and num_steps > train_steps:
-        raise BudgetError(f"more steps than the model was trained with: {num_steps} > {train_steps}; give the "
-                          f"'steps' baseline a budget of at most {train_steps} NFEs")
-    short_t = getattr(sampler, "timesteps", None)
-    if short_t is not None and config.get("timestep_spacing") == "leading":
-        ratio = train_steps // num_steps
-        first = ratio * (num_steps - 1) + config.get("steps_offset", 0)  # where the leading grid would start
+    config, short_t = getattr(scheduler, "config", {}), getattr(sampler, "timesteps", None)
+    train_steps, changes = config.get("num_train_timesteps"), {"num_steps": num_steps}
+    if short_t is not None and train_steps and config.get("timestep_spacing") == "leading":
+        first = train_steps // num_steps * (num_steps - 1) + config.get("steps_offset", 0)  # the leading grid's top
         if first < float(short_t[0]) or first >= train_steps:
-            trailing = type(scheduler).from_config(config, timestep_spacing="trailing")
-            return sampler.replace(num_steps=num_steps, scheduler=trailing)
-    return sampler.replace(num_steps=num_steps)
+            changes["scheduler"] = type(scheduler).from_config(config, timestep_spacing="trailing")
+    try:
+        return sampler.replace(**changes)
+    except NoiseoptError:
+        raise
+    except ValueError as e:  # the scheduler's own refusal
+        raise BudgetError(f"the 'steps' baseline cannot denoise with {num_steps} steps ({e}); give it a smaller "
+                          "budget") from None
 
 
 class MoreSteps(Search):
