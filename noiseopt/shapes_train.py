@@ -478,7 +478,8 @@ def train_order(out: Path, steps: int, seed: int, deadline: float, log: _Log, ba
     `negative_render` where nothing can be exchanged); each image meets every caption and a `negative_caption`. The
     exchanged pairs are asked once more on their own (scene or exchanged scene?), weighted by `order_weight`: the
     two differ in nothing but order, which a CLIP that reads its captions as bags of words cannot see, and the
-    weight is what breaks that symmetry (at weight 1 the order was still at chance after 2,000 steps)."""
+    weight is what breaks that symmetry (trained from scratch at weight 1, the order was still at chance after
+    2,000 steps; from the first phase's weights at 20, held-out pairs went from 44% to 90% right in 400)."""
     from safetensors.torch import load_file
     from transformers import CLIPModel
 
