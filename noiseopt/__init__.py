@@ -14,7 +14,7 @@ from .registry import (list_models, list_searches, list_verifiers, register_mode
 def __getattr__(name: str):
     "Lazily serves `noiseopt.search_noise`, so that `import noiseopt` imports no model library."
     if name == "search_noise":
-        from noiseopt.search import search_noise
+        from noiseopt.runspec import search_noise
 
         return search_noise
     raise AttributeError(f"module 'noiseopt' has no attribute {name!r}")

@@ -15,13 +15,14 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .errors import ConfigError, NoiseoptError, shorten
+from .registry import SEARCHES
 
 # %% auto #0
-__all__ = ['REFERENCE_PROMPTS', 'HUB_PROMPT_SETS', 'ALGO_ORDER', 'PREFIX_ALGOS', 'SWEEP_GRID', 'VIT_L14', 'VIT_H14',
-           'SDXL_CONFIG', 'FLUX_DEV_CONFIG', 'load_prompts', 'row_key', 'read_results', 'search_rows', 't975',
-           'mean_ci', 'rate_ci', 'summarize', 'method_label', 'format_table', 'table_csv', 'benchmark',
-           'add_bench_arguments', 'bench_command', 'main', 'sweep', 'format_sweep', 'random_verifier', 'verifier_speed',
-           'format_speed', 'perf', 'format_perf', 'real_size_pipeline', 'gpu_check', 'format_gpu_check']
+__all__ = ['REFERENCE_PROMPTS', 'HUB_PROMPT_SETS', 'ALGO_ORDER', 'SWEEP_GRID', 'VIT_L14', 'VIT_H14', 'SDXL_CONFIG',
+           'FLUX_DEV_CONFIG', 'load_prompts', 'row_key', 'read_results', 'search_rows', 't975', 'mean_ci', 'rate_ci',
+           'summarize', 'method_label', 'format_table', 'table_csv', 'benchmark', 'add_bench_arguments',
+           'bench_command', 'main', 'sweep', 'format_sweep', 'random_verifier', 'verifier_speed', 'format_speed',
+           'perf', 'format_perf', 'real_size_pipeline', 'gpu_check', 'format_gpu_check']
 
 # %% ../nbs/08_bench.ipynb #ca0d6f74
 #: The reference work's four example prompts
@@ -92,10 +93,18 @@ def load_prompts(spec: str, model=None) -> tuple[str, list[str]]:
                       "or a text file with one prompt a line")
 
 # %% ../nbs/08_bench.ipynb #1550bd11
-#: The algorithms in the reference table's order (others follow in the order given)
-ALGO_ORDER = ("random", "zo", "paths", "both", "steps")
-#: The searches whose first B NFEs do not depend on their total budget: their curves can be read off one run
-PREFIX_ALGOS = ("random", "zo")
+#: The built-in searches in the reference table's order (the registry's; registered ones follow in their order)
+ALGO_ORDER = tuple(SEARCHES.builtins)
+
+
+def _search_class(algo: str):
+    "Returns the class registered as `algo`, or `None` for a name no longer registered (a row of an older run)."
+    return SEARCHES.get(algo) if algo in SEARCHES else None
+
+
+def _order(algo: str) -> tuple:
+    names = SEARCHES.ordered()
+    return (names.index(algo) if algo in names else len(names), algo)
 
 
 def row_key(row: dict) -> tuple:
@@ -105,7 +114,7 @@ def row_key(row: dict) -> tuple:
 
 def _sort_key(row: dict) -> tuple:
     algo = row["algo"]
-    return (row["prompt_index"], ALGO_ORDER.index(algo) if algo in ALGO_ORDER else len(ALGO_ORDER), algo, row["budget"])
+    return (row["prompt_index"], *_order(algo), row["budget"])
 
 
 def read_results(path: str | os.PathLike) -> list[dict]:
@@ -187,7 +196,7 @@ def search_rows(make: Callable, k: int, prompt: str, algo: str, budgets: Sequenc
                 from_trajectory: bool = False) -> list[dict]:
     """Returns the benchmark rows of one prompt and algorithm at `budgets`: one search per budget, or, with
     `from_trajectory`, one search at the largest budget whose best within each smaller budget is read off its record."""
-    from noiseopt.search import RunRecord
+    from noiseopt.searches.core import RunRecord
 
     search, rows = make(algo), []
     too_small = [b for b in budgets if b < search.min_budget()]
@@ -275,7 +284,7 @@ def summarize(rows: Sequence[dict], title: str = "") -> dict:
     and 95% interval of every metric over prompts, with the NFEs spent."""
     done = [r for r in rows if "skipped" not in r]
     metrics = _metrics(done)
-    algos = sorted({r["algo"] for r in rows}, key=lambda a: (ALGO_ORDER.index(a) if a in ALGO_ORDER else 99, a))
+    algos = sorted({r["algo"] for r in rows}, key=_order)
     budgets = sorted({r["budget"] for r in rows})
     baselines = {}
     for r in done:  # every algorithm of a prompt shares its baseline: take it from the first
@@ -296,6 +305,7 @@ def summarize(rows: Sequence[dict], title: str = "") -> dict:
             point.update({m["key"]: _stat(at, m, "best") for m in metrics} if at else {})
             points.append(point)
         summary["algos"][a] = {"points": points, "from_trajectory": any(r.get("from_trajectory") for r in mine)}
+    summary["labels"] = {a: method_label(a, summary) for a in algos}  # the rows' names, for tables and curves alike
     return summary
 
 
@@ -303,8 +313,9 @@ def method_label(algo: str, summary: dict) -> str:
     "Returns the reference table's name of an algorithm's row."
     search = [m["name"] for m in summary["metrics"] if m["kind"] == "search"]
     who = "ensemble" if len(search) > 1 else (search[0] if search else "verifier")
-    words = {"random": "random", "zo": "zero-order", "paths": "paths", "both": "both"}
-    return "more steps" if algo == "steps" else f"{who} + {words.get(algo, algo)}"
+    cls = _search_class(algo)
+    label = getattr(cls, "label", None) or algo
+    return label if not getattr(cls, "uses_verifiers", True) else f"{who} + {label}"
 
 
 def _cell(stat: dict, kind: str) -> str:
@@ -399,7 +410,8 @@ def benchmark(out: str | os.PathLike, model: str = "shapes", prompts: str | Sequ
     from noiseopt.registry import list_searches, parse_spec
     from noiseopt.samplers import model_entry
     from noiseopt.ensemble import Ensemble
-    from noiseopt.search import loaded, make_search, verifier_loaders
+    from noiseopt.runspec import loaded, verifier_loaders
+    from noiseopt.searches.core import make_search
 
     algos, budgets = list(algos), sorted({int(b) for b in budgets})
     unknown = [a for a in algos if parse_spec(a)[0] not in list_searches()]  # a name, or a spec: "zo:lam=0.9"
@@ -439,7 +451,7 @@ def benchmark(out: str | os.PathLike, model: str = "shapes", prompts: str | Sequ
         make = lambda algo: make_search(algo, sampler, ens)  # noqa: E731
         for n, (k, algo, left) in enumerate(todo):
             t0 = time.perf_counter()
-            prefix = trajectories and algo in PREFIX_ALGOS
+            prefix = trajectories and getattr(_search_class(algo), "curve_from_one_run", False)
             rows = search_rows(make, k, prompt_list[k], algo, budgets if prefix else left, seed + k, judges, prefix)
             rows = [r for r in rows if row_key(r) not in done]
             _append_rows(results, rows)
@@ -486,7 +498,8 @@ def add_bench_arguments(p) -> None:
                    "partiprompts) or a text file, one prompt a line (default: the model's first set, else reference)")
     p.add_argument("--limit", type=int, default=None, help="at most this many prompts (after --stride)")
     p.add_argument("--stride", type=int, default=1, help="take every STRIDE-th prompt (default 1)")
-    p.add_argument("--algos", default=",".join(ALGO_ORDER), help="comma-separated algorithms (default all)")
+    p.add_argument("--algos", default=",".join(SEARCHES.ordered()),
+                   help="comma-separated searches (default: every registered one)")
     p.add_argument("--budgets", default="25,50,100,200,400,800", help="comma-separated budgets in NFEs")
     p.add_argument("--verifiers", default=None, help="the search's verifiers (default: the model's)")
     p.add_argument("--eval-verifiers", default=None, help="held-out verifiers scoring the chosen images (never searched)")
@@ -554,7 +567,7 @@ if __name__ == "__main__" and "__file__" in globals():  # python -m noiseopt.ben
 
 # %% ../nbs/08_bench.ipynb #2b7a3abb
 def _bench_rows(sampler, ens, check, algo: str, prompts: Sequence[str], budget: int, seed: int, **search_kwargs) -> list[dict]:
-    from noiseopt.search import make_search
+    from noiseopt.searches.core import make_search
 
     rows = []
     for k, prompt in enumerate(prompts):
@@ -574,7 +587,7 @@ def _setup(model, verifiers, ensemble: str):
     "Returns the model's sampler, the ensemble of `verifiers` (default: the model's) and the model's checker (or None)."
     from noiseopt.ensemble import Ensemble
     from noiseopt.samplers import model_entry
-    from noiseopt.search import loaded, verifier_loaders
+    from noiseopt.runspec import loaded, verifier_loaders
 
     entry = model_entry(model) if isinstance(model, str) else model
     loaders = verifier_loaders(entry, list(verifiers or entry.default_verifiers))
@@ -594,7 +607,7 @@ SWEEP_GRID: dict[str, list[dict]] = {
 
 def _steps_kwargs(cfg: dict, K: int) -> dict:
     "Turns a grid entry's path fractions of the schedule into the searches' step arguments."
-    from noiseopt.search import path_steps
+    from noiseopt.searches.paths import path_steps
 
     out = {k: v for k, v in cfg.items() if k not in ("start", "forward", "backward")}
     if "start" in cfg:
@@ -764,7 +777,7 @@ class _TimedVerifier:
 
 def _hand_loop(sampler, verifiers, prompt: str, seeds: Sequence[int], batch_size: int) -> list:
     "What a user would write without noiseopt: the same sampler and verifier calls, no bookkeeping."
-    from noiseopt.search import noise_key
+    from noiseopt.searches.core import noise_key
 
     cond, out = sampler.condition(prompt), []
     for i in range(0, len(seeds), batch_size):
@@ -819,7 +832,9 @@ def perf(model: str = "shapes", prompt: str | None = None, candidates: int = 32,
 
     from noiseopt.ensemble import Ensemble
     from noiseopt.samplers import model_entry
-    from noiseopt.search import RandomSearch, derive_seed, loaded, make_search, verifier_loaders
+    from noiseopt.runspec import loaded, verifier_loaders
+    from noiseopt.searches.core import derive_seed, make_search
+    from noiseopt.searches.random import RandomSearch
 
     entry = model_entry(model)
     prompt = prompt or (next(iter(entry.prompt_sets.values()))[0] if entry.prompt_sets else REFERENCE_PROMPTS[0])
@@ -1002,7 +1017,8 @@ def gpu_check(models: Sequence[str] = ("sdxl", "flux-dev"), size: int = 1024, st
     import torch
 
     from noiseopt.samplers import DiffusersSampler
-    from noiseopt.search import RandomSearch, derive_seed
+    from noiseopt.searches.core import derive_seed
+    from noiseopt.searches.random import RandomSearch
 
     prompt = "a church in the forest"
     out = {"size": size, "steps": steps, "candidates": candidates, "batch_size": batch_size, "tiny": tiny, "models": {}}

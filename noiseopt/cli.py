@@ -6,11 +6,9 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import importlib.metadata
 import inspect
-import json
 import platform
 import sys
 from pathlib import Path
@@ -21,8 +19,8 @@ from .errors import ConfigError, NoiseoptError, shorten
 from .registry import SEARCHES, list_models, list_searches, list_verifiers, parse_spec, split_specs
 
 # %% auto #0
-__all__ = ['cmd_info', 'cmd_shapes_train', 'cmd_shapes_eval', 'default_out', 'cmd_search', 'cmd_bench', 'cmd_sweep',
-           'cmd_bench_verifiers', 'cmd_bench_gpu', 'build_parser', 'load_plugin', 'main', 'entrypoint']
+__all__ = ['cmd_info', 'cmd_shapes_train', 'cmd_shapes_eval', 'search_spec', 'default_out', 'cmd_search', 'cmd_bench',
+           'cmd_sweep', 'cmd_bench_verifiers', 'cmd_bench_gpu', 'build_parser', 'load_plugin', 'main', 'entrypoint']
 
 # %% ../nbs/90_cli.ipynb #34475c7a
 _PACKAGES = ("torch", "diffusers", "transformers", "open_clip_torch", "accelerate", "openai")
@@ -156,10 +154,6 @@ def _add_shapes(sub) -> None:
     ev.set_defaults(func=cmd_shapes_eval)
 
 # %% ../nbs/90_cli.ipynb #de848684
-def _slug(text: str) -> str:
-    return "-".join("".join(ch if ch.isalnum() else " " for ch in text.lower()).split())[:60] or "prompt"
-
-
 def _floats(text: str | None, what: str) -> list[float] | None:
     if not text:
         return None
@@ -170,16 +164,28 @@ def _floats(text: str | None, what: str) -> list[float] | None:
 
 
 _GPT_OPTIONS = ("base_url", "model", "mode", "concurrency", "cache_dir")
-# the arguments that change what a search finds: they name its default output folder
-_RESULT_ARGS = ("prompt", "model", "verifiers", "weights", "ensemble", "algo", "budget", "steps", "guidance", "scheduler",
-                "seed", "dtype")  # not device, batch size, offload or tiling: they change how, not what + tuple(f"gpt_{k}" for k in _GPT_OPTIONS)
+
+
+def search_spec(args: argparse.Namespace):
+    "Returns the `RunSpec` of `noiseopt search`'s arguments: every name and option checked, nothing loaded."
+    from noiseopt.runspec import RunSpec
+
+    verifiers = split_specs(args.verifiers) if args.verifiers else None
+    gpt = {k: getattr(args, f"gpt_{k}") for k in _GPT_OPTIONS if getattr(args, f"gpt_{k}") is not None}
+    if gpt and not any(parse_spec(v)[0] == "gpt" for v in verifiers or []):
+        raise NoiseoptError(f"--gpt-* options were given but 'gpt' is not among --verifiers: add it, "
+                            f"e.g. --verifiers clip,gpt")
+    return RunSpec.from_args(args.prompt, model=args.model, verifiers=verifiers,
+                             weights=_floats(args.weights, "--weights"), verifier_options={"gpt": gpt} if gpt else None,
+                             ensemble=args.ensemble, algo=args.algo, budget=args.budget, seed=args.seed,
+                             steps=args.steps, guidance=args.guidance, batch_size=args.batch_size, device=args.device,
+                             dtype=args.dtype, scheduler=args.scheduler, model_options=_memory_options(args),
+                             verifier_device=args.verifier_device, offload_verifiers=args.offload_verifiers)
 
 
 def default_out(args: argparse.Namespace) -> Path:
-    "Returns the default output folder of a search: prompt, algorithm and seed, and a hash of every setting that matters."
-    settings = json.dumps({k: getattr(args, k) for k in _RESULT_ARGS}, sort_keys=True, default=str)
-    digest = hashlib.sha256(settings.encode()).hexdigest()[:8]
-    return Path("noiseopt_out") / f"{_slug(args.prompt)}-{_slug(parse_spec(args.algo)[0])}-seed{args.seed}-{digest}"
+    "Returns the default output folder of a search: prompt, algorithm and seed in words, and its spec's fingerprint."
+    return search_spec(args).default_folder()
 
 
 def _memory_options(args: argparse.Namespace) -> dict:
@@ -190,32 +196,19 @@ def _memory_options(args: argparse.Namespace) -> dict:
 
 def cmd_search(args: argparse.Namespace) -> int:
     "Runs a search and writes its images, plots and record into `--out`."
-    from noiseopt.search import search_noise
-
-    verifiers = split_specs(args.verifiers) if args.verifiers else None
-    gpt = {k: getattr(args, f"gpt_{k}") for k in _GPT_OPTIONS if getattr(args, f"gpt_{k}") is not None}
-    if gpt and not any(parse_spec(v)[0] == "gpt" for v in verifiers or []):
-        raise NoiseoptError(f"--gpt-* options were given but 'gpt' is not among --verifiers: add it, "
-                            f"e.g. --verifiers clip,gpt")
-    out = Path(args.out) if args.out else default_out(args)
+    spec = search_spec(args)
+    out = Path(args.out) if args.out else spec.default_folder()
     try:
-        result = search_noise(args.prompt, model=args.model, verifiers=verifiers, weights=_floats(args.weights, "--weights"),
-                              verifier_options={"gpt": gpt} if gpt else None, ensemble=args.ensemble, algo=args.algo,
-                              budget=args.budget, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                              batch_size=args.batch_size, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
-                              model_options=_memory_options(args), verifier_device=args.verifier_device,
-                              offload_verifiers=args.offload_verifiers,
-                              out=out, progress=not args.quiet)
+        result = spec.run(out=out, progress=not args.quiet)
     except KeyboardInterrupt:
         print(f"noiseopt: interrupted; every finished round is saved in {out}: run the same command again to resume",
               file=sys.stderr)
         return 130
     import matplotlib.pyplot as plt
 
-    from noiseopt.samplers import model_entry
     from noiseopt.viz import candidate_grid, compare, plot_trajectory
 
-    check = model_entry(args.model).check  # the exact checker's verdicts on the grid, where the model has one
+    check = spec.entry().check  # the exact checker's verdicts on the grid, where the model has one
     for name, fig in (("grid", candidate_grid(result, checker=check)), ("trajectory", plot_trajectory(result)),
                       ("compare", compare(result))):
         fig.savefig(out / f"{name}.png", dpi=120)

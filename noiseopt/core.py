@@ -198,6 +198,7 @@ class SearchResult:
     settings: dict[str, Any] = field(default_factory=dict)
     wall_time: float = 0.0
     report: dict[str, Any] = field(default_factory=dict)
+    spec: dict[str, Any] = field(default_factory=dict)  # the RunSpec that made it (`RunSpec.to_dict()`), if one did
 
     @property
     def best(self) -> Candidate | None:
@@ -213,7 +214,7 @@ class SearchResult:
         "Returns the JSON-ready record of the result (no tensors)."
         return {"prompt": self.prompt, "algo": self.algo, "nfe": int(self.nfe), "best_index": self.best_index,
                 "baseline_index": self.baseline_index, "baseline_nfe": int(self.baseline_nfe),
-                "wall_time": float(self.wall_time), "settings": self.settings, "report": self.report,
+                "wall_time": float(self.wall_time), "settings": self.settings, "report": self.report, "spec": self.spec,
                 "candidates": [c.to_dict() for c in self.candidates]}
 
     def save(self, folder: str | os.PathLike, latents: bool = False, candidate_images: bool = True) -> Path:

@@ -136,6 +136,14 @@ class Registry:
         "Returns every name of this registry, sorted (importing nothing)."
         return sorted({*self._runtime, *_entry_points(self.group), *self.builtins})
 
+    def ordered(self) -> list[str]:
+        "Returns every name: the built-in ones in their order, then installed packages' (sorted), then those registered at run time, in order."
+        out = list(self.builtins)
+        for name in [*sorted(_entry_points(self.group)), *self._runtime]:
+            if name not in out:
+                out.append(name)
+        return out
+
     def __contains__(self, name: str) -> bool:
         return name in self._runtime or name in self.builtins or name in _entry_points(self.group)
 
@@ -181,9 +189,9 @@ VERIFIERS = Registry("verifier", "noiseopt.verifiers", {
     "imagereward": "noiseopt.verifiers:imagereward_verifier", "pickscore": "noiseopt.verifiers:pickscore_verifier",
     "hps": "noiseopt.verifiers:hps_verifier", "gpt": "noiseopt.judge:GPTJudge"}, skip=("device",))
 SEARCHES = Registry("search", "noiseopt.searches", {
-    "random": "noiseopt.search:RandomSearch", "zo": "noiseopt.search:ZeroOrderSearch",
-    "paths": "noiseopt.search:PathSearch", "both": "noiseopt.search:CombinedSearch",
-    "steps": "noiseopt.search:MoreSteps"}, skip=("sampler", "ensemble"))
+    "random": "noiseopt.searches.random:RandomSearch", "zo": "noiseopt.searches.zero_order:ZeroOrderSearch",
+    "paths": "noiseopt.searches.paths:PathSearch", "both": "noiseopt.searches.both:CombinedSearch",
+    "steps": "noiseopt.searches.more_steps:MoreSteps"}, skip=("sampler", "ensemble"))
 
 
 def register_model(name: str, factory: Callable | None = None, overwrite: bool = False):

@@ -17,7 +17,7 @@ __all__ = ['trajectory', 'plot_trajectory', 'LiveTrajectory', 'image_grid', 'can
 # %% ../nbs/07_viz.ipynb #87336f9b
 def _eligible(result: SearchResult) -> list[int]:
     "The final candidates a search could return (as `RunRecord.eligible`), with their images."
-    from noiseopt.search import is_final
+    from noiseopt.searches.core import is_final
 
     K = result.settings.get("num_steps")
     return [i for i, c in enumerate(result.candidates) if not c.info.get("baseline_only") and c.image is not None
@@ -90,7 +90,7 @@ class LiveTrajectory:
 
     def __call__(self, search, run) -> None:
         self.rounds += 1
-        result = search.record.result
+        result = run.record.result
         if self.rounds % self.every or not _eligible(result):
             return
         import matplotlib.pyplot as plt
@@ -219,8 +219,6 @@ def plot_scaling(summary: dict, metrics: Sequence[str] | None = None):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
-    from noiseopt.bench import method_label
-
     ms = [m for m in summary["metrics"] if metrics is None or m["key"] in metrics or m["name"] in metrics]
     fig, axes = plt.subplots(1, max(1, len(ms)), figsize=(4.2 * max(1, len(ms)), 3.6), squeeze=False)
     base = summary["baseline"]
@@ -234,7 +232,7 @@ def plot_scaling(summary: dict, metrics: Sequence[str] | None = None):
             ys = [scale * p[m["key"]]["mean"] for p in pts]
             lo = [scale * p[m["key"]]["lo"] for p in pts]
             hi = [scale * p[m["key"]]["hi"] for p in pts]
-            label = method_label(a, summary) + (" (read off one run)" if s["from_trajectory"] else "")
+            label = summary.get("labels", {}).get(a, a) + (" (read off one run)" if s["from_trajectory"] else "")
             line, = ax.plot(xs, ys, marker="o", markersize=3, label=label)
             ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
         b = base[m["key"]]
@@ -357,7 +355,7 @@ class CandidateBrowser:
     def noise(self, index: int | None = None):
         "Returns the initial noise of a candidate (of its path's root, for a path candidate), rebuilt from its seeds."
         from noiseopt.errors import ConfigError
-        from noiseopt.search import ZO_DEFAULTS, rebuild_noise
+        from noiseopt.searches.zero_order import ZO_DEFAULTS, rebuild_noise
 
         if self.sampler is None:
             raise ConfigError("saving a noise rebuilds it from its seeds: pass the sampler that made the result, "

@@ -174,41 +174,118 @@ def layer_table() -> dict[str, int]:
     return table
 
 
-def package_imports(path: Path, module: str) -> set[str]:
-    "Returns the noiseopt modules that `path` imports anywhere, function bodies included."
+def module_name(path: Path, root: Path = ROOT / "noiseopt") -> str:
+    "Returns the dotted name of a package file as the layer table writes it: `searches.core`, `searches` for its `__init__`."
+    parts = path.relative_to(root).with_suffix("").parts
+    parts = parts[:-1] if parts[-1] == "__init__" and len(parts) > 1 else parts
+    return ".".join(parts)
+
+
+def package_modules(root: Path = ROOT / "noiseopt") -> dict[str, Path]:
+    "Returns every module of the package (subpackages included) by its dotted name."
+    return {module_name(p, root): p for p in root.rglob("*.py") if p.name != "_modidx.py" and "assets" not in p.parts}
+
+
+def package_imports(path: Path, module: str, known=None) -> set[str]:
+    """Returns the noiseopt modules that `path` imports anywhere, function bodies included, as dotted names.
+
+    `from noiseopt.searches import core` names `searches.core` where such a module exists, else `searches`."""
+    known = set(package_modules()) if known is None else set(known)
+    package = module.split(".") if path.name == "__init__.py" and module != "__init__" else module.split(".")[:-1]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
             if node.level:
-                base = "noiseopt" + ("." + base if base else "")
-            names = [base] if base != "noiseopt" else [f"noiseopt.{a.name}" for a in node.names]
+                base = ["noiseopt", *package[: len(package) - (node.level - 1)]]
+                base = ".".join(base + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            names = [f"{base}.{a.name}" for a in node.names]
         else:
             continue
         for name in names:
             parts = name.split(".")
-            if parts[0] == "noiseopt" and len(parts) > 1:
-                found.add(parts[1])
+            if parts[0] != "noiseopt" or len(parts) < 2:
+                continue
+            # the longest prefix that is a module: `noiseopt.searches.core.Run` -> searches.core
+            for k in range(len(parts), 1, -1):
+                if ".".join(parts[1:k]) in known:
+                    found.add(".".join(parts[1:k]))
+                    break
     found.discard(module)
     return found
 
 
+def import_graph(root: Path = ROOT / "noiseopt") -> dict[str, set[str]]:
+    "Returns, for every module of the package under `root`, the package modules it imports."
+    modules = package_modules(root)
+    return {m: package_imports(p, m, modules) for m, p in modules.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    "Returns the import cycles of `graph` (each as the list of modules around it), one per strongly connected group."
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                out.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
 def test_no_module_imports_one_above_it():
     table = layer_table()
-    modules = {p.stem for p in (ROOT / "noiseopt").glob("*.py")} - {"_modidx"}
+    modules = set(package_modules())
     assert modules == set(table), f"modules missing from the map: {modules - set(table)}; gone: {set(table) - modules}"
+    graph = import_graph()
     upward = [f"{m} (layer {table[m]}) imports {t} (layer {table[t]})"
-              for m in sorted(modules) for t in sorted(package_imports(ROOT / "noiseopt" / f"{m}.py", m))
-              if t in table and table[t] > table[m]]
+              for m in sorted(modules) for t in sorted(graph[m]) if t in table and table[t] > table[m]]
     assert not upward, upward
+
+
+def test_no_two_modules_import_each_other():
+    assert cycles(import_graph()) == []
 
 
 def test_the_layer_check_catches_an_upward_import(tmp_path):
     bad = tmp_path / "core.py"
-    bad.write_text("def f():\n    from noiseopt.search import search_noise\n    from .viz import trajectory\n")
-    assert package_imports(bad, "core") == {"search", "viz"}
+    bad.write_text("def f():\n    from noiseopt.runspec import search_noise\n    from .viz import trajectory\n")
+    assert package_imports(bad, "core", {"core", "runspec", "viz"}) == {"runspec", "viz"}
+
+
+def test_the_cycle_check_catches_two_modules_of_one_layer_importing_each_other(tmp_path):
+    (tmp_path / "searches").mkdir()
+    (tmp_path / "searches" / "__init__.py").write_text("from .core import Search\n")
+    (tmp_path / "searches" / "core.py").write_text("class Search:\n    pass\n")
+    (tmp_path / "viz.py").write_text("def plot():\n    from noiseopt.bench import method_label\n")
+    (tmp_path / "bench.py").write_text("from .searches.core import Search\n\ndef table():\n    from .viz import plot\n")
+    graph = import_graph(tmp_path)
+    assert graph["searches"] == {"searches.core"} and graph["bench"] == {"searches.core", "viz"}
+    assert cycles(graph) == [["bench", "viz"]]
+    (tmp_path / "viz.py").write_text("def plot():\n    pass\n")
+    assert cycles(import_graph(tmp_path)) == []
 
 
 HELP = """
@@ -277,7 +354,7 @@ def test_store_counts_what_it_writes_per_round(tmp_path):
 def test_resume_refuses_other_settings_and_never_unpickles(tmp_path):
     sampler = ToySampler(num_steps=4)
     RandomSearch(sampler, [Red()]).run("a cat", 20, out=tmp_path / "r")
-    with pytest.raises(ConfigError, match="other settings or another prompt"):
+    with pytest.raises(ConfigError, match="holds another run \\(prompt: 'a cat' in the folder, 'a dog' now\\)"):
         RandomSearch(sampler, [Red()]).run("a dog", 20, out=tmp_path / "r")
     (tmp_path / "r" / "state.json").write_text('{"__reduce__": "os.system"}')  # not a checkpoint: refused, not run
     with pytest.raises(ConfigError, match="holds no readable noiseopt checkpoint"):
@@ -308,3 +385,33 @@ def test_offloaded_verifiers_score_as_before_and_rest_on_the_cpu():
                                 callback=lambda s, r: seen.append(s.ensemble.verifiers[0]))
     assert [c.scores for c in off.candidates] == [c.scores for c in plain.candidates]
     assert type(seen[0]).__name__ == "OffloadedVerifier" and seen[0].name == "head" and len(seen[0].modules) == 1
+
+
+# --- notebooks read as documentation --------------------------------------------------------------------------------
+
+def heading_lines(markdown: str, first_cell: bool) -> list[str]:
+    "Returns the lines of a markdown cell that render as top-level headings where prose was meant: `#` alone, or a `# `
+    line anywhere but the notebook's title (the first line of its first cell); fenced code is skipped."
+    out, fence = [], False
+    for j, line in enumerate(markdown.split("\n")):
+        if line.startswith("```"):
+            fence = not fence
+        elif not fence and (line.strip() == "#" or (line.startswith("# ") and not (first_cell and j == 0))):
+            out.append(line)
+    return out
+
+
+def test_markdown_renders_as_prose_not_as_headings():
+    bad = []
+    for path in sorted((ROOT / "nbs").rglob("*.ipynb")):
+        cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "markdown"]
+        for k, cell in enumerate(cells):
+            lines = heading_lines("".join(cell["source"]), first_cell=k == 0)
+            if lines:
+                bad.append(f"{path.relative_to(ROOT)} markdown cell {k}: {lines[0][:60]!r}")
+    assert not bad, bad
+
+
+def test_the_markdown_check_catches_a_body_written_as_comments():
+    assert heading_lines("## The loop\n#\n# Each round samples", first_cell=False) == ["#", "# Each round samples"]
+    assert heading_lines("# search\n\n> summary\n\n```\n# a comment in code\n```", first_cell=True) == []

@@ -1,0 +1,202 @@
+"""One run, one spec: every field of a `RunSpec` names its run (fingerprint, default folder) and a resumed run is
+checked against it field by field; how-settings and secrets stay out; the old import paths keep working; a search
+added in one class and one registry line shows up in the CLI, the benchmark's table and its curve."""
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import noiseopt
+from noiseopt.errors import ConfigError, NoiseoptError, UnsupportedModelError
+from noiseopt.runspec import RunSpec
+
+sys.path.insert(0, str(Path(__file__).parent))
+from toy import Red, ToySampler  # noqa: E402
+
+PROMPT = "a red circle left of a blue square"
+BASE = dict(budget=25, seed=0)
+SHAPES = str(Path(noiseopt.__file__).parent / "assets" / "shapes")
+
+# one change of each field that defines the result, and the field the refusal must name
+CHANGES = [
+    ("prompt", dict(prompt="a blue square above a red circle")),
+    ("model_options", dict(model="shapes:path=" + SHAPES)),
+    ("steps", dict(steps=20)),
+    ("guidance", dict(guidance=3.0)),
+    ("scheduler", dict(scheduler="euler")),
+    ("verifiers", dict(verifiers=["clip:scale=3", "aesthetic"])),
+    ("verifiers", dict(verifiers=["clip"])),
+    ("weights", dict(weights=[2.0, 1.0])),
+    ("ensemble", dict(ensemble="zscore")),
+    ("algo", dict(algo="zo")),
+    ("algo", dict(algo="zo:lam=0.9")),
+    ("budget", dict(budget=50)),
+    ("seed", dict(seed=1)),
+]
+
+
+def spec(**changes) -> RunSpec:
+    args = {"prompt": PROMPT, **BASE, **changes}
+    return RunSpec.from_args(args.pop("prompt"), **args)
+
+
+def test_every_field_that_defines_a_run_changes_its_fingerprint_and_default_folder():
+    base = spec()
+    seen = {base.fingerprint()}
+    for field, change in CHANGES:
+        other = spec(**change)
+        assert other.fingerprint() not in seen, field
+        seen.add(other.fingerprint())
+        assert other.default_folder() != base.default_folder()
+        assert [line.split(":")[0] for line in other.differences(base.what())] == [field], (field, change)
+
+
+def test_how_a_run_goes_stays_out_of_its_fingerprint():
+    base = spec()
+    for change in (dict(batch_size=2), dict(device="cpu"), dict(offload_verifiers=True), dict(verifier_device="cpu")):
+        assert spec(**change).fingerprint() == base.fingerprint(), change
+        assert spec(**change).differences(base.what()) == []
+    # defaults made explicit: the same run written two ways is one run
+    assert spec(steps=25, guidance=2.0, verifiers=["clip", "aesthetic"]).fingerprint() == base.fingerprint()
+    assert spec(algo="zo:neighbors=4,lam=0.8").fingerprint() == spec(algo="zo", lam=0.8, neighbors=4).fingerprint()
+
+
+def test_the_judges_options_are_in_the_spec_and_its_key_never():
+    pytest.importorskip("openai")
+    judge = lambda **o: spec(verifiers=["clip", "gpt"], verifier_options={"gpt": o})  # noqa: E731
+    a, b = judge(model="gpt-4o-mini"), judge(model="gpt-4o")
+    assert a.fingerprint() != b.fingerprint() and a.differences(b.what())[0].startswith("verifiers:")
+    assert judge(model="gpt-4o-mini", base_url="http://127.0.0.1:9/v1").fingerprint() != a.fingerprint()
+    assert judge(model="gpt-4o-mini", mode="yesno").fingerprint() != a.fingerprint()
+    secret = judge(model="gpt-4o-mini", api_key="sk-secret-123", concurrency=2)
+    assert secret.fingerprint() == a.fingerprint()  # the key and the concurrency change nothing that is found
+    assert "sk-secret-123" not in json.dumps(secret.to_dict()) and "sk-secret-123" not in repr(secret)
+    assert secret.to_dict()["how"]["verifier_how"] == {"gpt": {"concurrency": 2}}
+
+
+def test_a_folder_of_another_run_is_refused_naming_each_field_and_the_same_run_resumes(tmp_path):
+    out = tmp_path / "run"
+    first = spec().run(out=out)
+    assert first.spec["verifiers"] == ["clip", "aesthetic"] and first.spec["guidance"] == 2.0
+    assert json.loads((out / "result.json").read_text())["spec"] == first.spec
+    for field, change in CHANGES:
+        with pytest.raises(ConfigError) as e:
+            spec(**change).run(out=out)
+        message = str(e.value)
+        assert "holds another run" in message and f"{field}: " in message, (field, message)
+    with pytest.raises(ConfigError, match=r"steps: 25 in the folder, 20 now; guidance: 2.0 in the folder, 3.0 now"):
+        spec(guidance=3.0, steps=20).run(out=out)
+    again = spec(batch_size=1).run(out=out)  # another batch size is how, not what: the run resumes, the same
+    assert [c.to_dict()["seeds"] for c in again.candidates] == [c.to_dict()["seeds"] for c in first.candidates]
+    assert again.best.scores == first.best.scores
+
+
+def test_a_spec_round_trips_and_a_spec_of_objects_says_it_cannot():
+    s = spec(algo="zo:lam=0.9", verifiers=["clip:scale=3", "aesthetic"], weights=[1, 2], batch_size=4)
+    assert RunSpec.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+    objects = RunSpec.from_args("a cat", model=ToySampler(), verifiers=[Red()], budget=16)
+    assert objects.what()["model"] == "<toy.ToySampler:num_steps=8>" and objects.what()["verifiers"] == ["<toy.Red:name=red>"]
+    with pytest.raises(ConfigError, match="made with objects"):
+        RunSpec.from_dict(objects.to_dict())
+
+
+def test_one_search_object_runs_two_prompts():
+    from noiseopt.searches.core import make_search
+
+    search = make_search("zo", ToySampler(), [Red()])
+    a, b = search.run("a cat", 40, seed=1), search.run("a dog", 40, seed=1)
+    assert not hasattr(search, "record") and a.prompt == "a cat" and b.prompt == "a dog"
+    assert a.to_dict()["candidates"] == make_search("zo", ToySampler(), [Red()]).run("a cat", 40, seed=1).to_dict()["candidates"]
+
+
+def test_a_loaded_diffusers_pipeline_is_a_model():
+    from noiseopt.testing import tiny_sd_pipeline
+
+    res = noiseopt.search_noise("a red car", model=tiny_sd_pipeline(), verifiers=[Red()], steps=4, budget=16)
+    assert res.nfe == 16 and len(res.candidates) == 4 and res.spec["model"].endswith("StableDiffusionPipeline>")
+    from diffusers import DiffusionPipeline
+
+    class AudioLDMPipeline(DiffusionPipeline):  # a pipeline of a family noiseopt does not drive
+        pass
+
+    with pytest.raises(UnsupportedModelError) as e:
+        noiseopt.search_noise("a cat", model=object.__new__(AudioLDMPipeline), verifiers=[Red()], steps=4, budget=16)
+    assert isinstance(e.value, NoiseoptError) and "StableDiffusionXLPipeline" in str(e.value)
+    with pytest.raises(ConfigError, match="model is a registered name"):
+        noiseopt.search_noise("a cat", model=42, verifiers=[Red()])
+
+
+OLD_PATHS = {
+    "noiseopt.search": ["search_noise", "make_search", "Search", "Run", "RunRecord", "CheckpointStore", "search_state",
+                        "RandomSearch", "ZeroOrderSearch", "PathSearch", "CombinedSearch", "MoreSteps", "more_steps",
+                        "neighbor", "rebuild_noise", "path_steps", "derive_seed", "noise_key", "verifier_loaders",
+                        "loaded", "ZO_DEFAULTS", "PATH_DEFAULTS", "SPLIT_DEFAULT", "is_final"],
+    "noiseopt.bench": ["benchmark", "summarize", "format_table", "method_label", "ALGO_ORDER"],
+    "noiseopt.samplers": ["DiffusersSampler", "FlowMatchSampler", "model_entry", "ModelEntry"],
+    "noiseopt.verifiers": ["CallableVerifier", "CLIPScore", "AestheticScore", "load_verifier"],
+    "noiseopt.viz": ["plot_trajectory", "plot_scaling", "image_grid", "compare"],
+}
+
+
+def test_todays_import_paths_keep_working():
+    for module, names in OLD_PATHS.items():
+        m = importlib.import_module(module)
+        missing = [n for n in names if not hasattr(m, n)]
+        assert not missing, (module, missing)
+    from noiseopt import search, searches
+    from noiseopt.runspec import search_noise
+
+    assert search.ZeroOrderSearch is searches.ZeroOrderSearch and search.search_noise is search_noise is noiseopt.search_noise
+
+
+PLUGIN = '''
+from dataclasses import dataclass
+from noiseopt.registry import register_search
+from noiseopt.searches.core import Search, search_state
+
+@search_state
+@dataclass
+class Left:
+    left: int
+
+@register_search("halves")
+class Halves(Search):
+    "Two noises a round."
+    label = "two at a time"
+    def begin(self, run):
+        return Left(run.budget.total // self.steps)
+    def advance(self, run, state):
+        seeds, x = self.fresh_noise(run, min(2, state.left))
+        self.sample(run, x, [[s] for s in seeds])
+        return Left(state.left - len(seeds)) if state.left > len(seeds) else None
+'''
+
+
+def test_a_search_in_one_class_and_one_registry_line_shows_in_the_cli_the_table_and_the_curve(tmp_path, capsys):
+    from noiseopt.cli import build_parser, main
+    from noiseopt.registry import SEARCHES
+
+    plugin = tmp_path / "halves.py"
+    plugin.write_text(PLUGIN)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    try:
+        code = main(["--plugin", str(plugin), "bench", "--prompts", str(prompts), "--budgets", "50",
+                     "--out", str(tmp_path / "bench"), "--quiet"])
+        assert code == 0
+        parser = build_parser()
+        search_help = parser._subparsers._group_actions[0].choices["search"].format_help()
+        bench_args = parser.parse_args(["bench"])
+        assert "halves" in " ".join(search_help.split()) and "halves" in bench_args.algos.split(",")
+    finally:
+        SEARCHES.unregister("halves")
+    table = (tmp_path / "bench" / "table.md").read_text()
+    summary = json.loads((tmp_path / "bench" / "summary.json").read_text())
+    assert "| ensemble + two at a time | 50 | 1 |" in table, table
+    assert summary["labels"]["halves"].endswith("two at a time") and summary["labels"]["steps"] == "more steps"
+    from noiseopt.viz import plot_scaling
+
+    labels = plot_scaling(summary).axes[0].get_legend_handles_labels()[1]
+    assert any("two at a time" in label for label in labels), labels
