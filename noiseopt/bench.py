@@ -102,8 +102,14 @@ def _search_class(algo: str):
     return SEARCHES.get(algo) if algo in SEARCHES else None
 
 
-def _order(algo: str) -> tuple:
-    names = SEARCHES.ordered()
+def _flag(algo: str, name: str, default):
+    "Returns a search class's own benchmark flag (`label`, `uses_verifiers`, `curve_from_one_run`), never an inherited one."
+    cls = _search_class(algo)
+    return vars(cls).get(name, default) if isinstance(cls, type) else default
+
+
+def _order(algo: str, names: list[str] | None = None) -> tuple:
+    names = SEARCHES.ordered() if names is None else names
     return (names.index(algo) if algo in names else len(names), algo)
 
 
@@ -112,9 +118,8 @@ def row_key(row: dict) -> tuple:
     return (row["prompt_index"], row["prompt"], row["algo"], row["budget"])
 
 
-def _sort_key(row: dict) -> tuple:
-    algo = row["algo"]
-    return (row["prompt_index"], *_order(algo), row["budget"])
+def _sort_key(row: dict, names: list[str]) -> tuple:
+    return (row["prompt_index"], *_order(row["algo"], names), row["budget"])
 
 
 def read_results(path: str | os.PathLike) -> list[dict]:
@@ -154,7 +159,8 @@ def _finalize(path: Path) -> list[dict]:
         if row_key(r) not in seen:
             seen.add(row_key(r))
             rows.append(r)
-    rows.sort(key=_sort_key)
+    names = SEARCHES.ordered()
+    rows.sort(key=lambda r: _sort_key(r, names))
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     os.replace(tmp, path)
@@ -284,7 +290,8 @@ def summarize(rows: Sequence[dict], title: str = "") -> dict:
     and 95% interval of every metric over prompts, with the NFEs spent."""
     done = [r for r in rows if "skipped" not in r]
     metrics = _metrics(done)
-    algos = sorted({r["algo"] for r in rows}, key=_order)
+    names = SEARCHES.ordered()
+    algos = sorted({r["algo"] for r in rows}, key=lambda a: _order(a, names))
     budgets = sorted({r["budget"] for r in rows})
     baselines = {}
     for r in done:  # every algorithm of a prompt shares its baseline: take it from the first
@@ -313,9 +320,8 @@ def method_label(algo: str, summary: dict) -> str:
     "Returns the reference table's name of an algorithm's row."
     search = [m["name"] for m in summary["metrics"] if m["kind"] == "search"]
     who = "ensemble" if len(search) > 1 else (search[0] if search else "verifier")
-    cls = _search_class(algo)
-    label = getattr(cls, "label", None) or algo
-    return label if not getattr(cls, "uses_verifiers", True) else f"{who} + {label}"
+    label = _flag(algo, "label", None) or algo
+    return label if not _flag(algo, "uses_verifiers", True) else f"{who} + {label}"
 
 
 def _cell(stat: dict, kind: str) -> str:
@@ -397,7 +403,7 @@ def _check_config(folder: Path, config: dict) -> None:
 
 
 def benchmark(out: str | os.PathLike, model: str = "shapes", prompts: str | Sequence[str] = "shapes-eval",
-              algos: Sequence[str] = ALGO_ORDER, budgets: Sequence[int] = (25, 50, 100, 200, 400, 800),
+              algos: Sequence[str] | None = None, budgets: Sequence[int] = (25, 50, 100, 200, 400, 800),
               verifiers: Sequence[str] | None = None, eval_verifiers: Sequence[str] = (), ensemble: str = "rank",
               seed: int = 0, limit: int | None = None, stride: int = 1, device: str | None = None,
               trajectories: bool = True, plot: bool = True, log: Callable | None = print, state=None) -> dict | None:
@@ -413,7 +419,7 @@ def benchmark(out: str | os.PathLike, model: str = "shapes", prompts: str | Sequ
     from noiseopt.runspec import loaded, verifier_loaders
     from noiseopt.searches.core import make_search
 
-    algos, budgets = list(algos), sorted({int(b) for b in budgets})
+    algos, budgets = list(SEARCHES.ordered() if algos is None else algos), sorted({int(b) for b in budgets})
     unknown = [a for a in algos if parse_spec(a)[0] not in list_searches()]  # a name, or a spec: "zo:lam=0.9"
     if unknown or not algos:
         raise ConfigError(f"unknown algorithm(s) {unknown}: use some of {', '.join(list_searches())}")
@@ -451,7 +457,7 @@ def benchmark(out: str | os.PathLike, model: str = "shapes", prompts: str | Sequ
         make = lambda algo: make_search(algo, sampler, ens)  # noqa: E731
         for n, (k, algo, left) in enumerate(todo):
             t0 = time.perf_counter()
-            prefix = trajectories and getattr(_search_class(algo), "curve_from_one_run", False)
+            prefix = trajectories and _flag(algo, "curve_from_one_run", False)
             rows = search_rows(make, k, prompt_list[k], algo, budgets if prefix else left, seed + k, judges, prefix)
             rows = [r for r in rows if row_key(r) not in done]
             _append_rows(results, rows)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +54,7 @@ def _is_pipeline(obj) -> bool:
 def _whole(value, what: str, minimum: int = 0):
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ConfigError(f"{what} must be a whole number >= {minimum}, got {value!r}")
     return int(value)
 
@@ -120,10 +121,24 @@ class RunSpec:
 
         check_prompt(prompt)
         model_options = dict(model_options or {})
-        how = {k: model_options.pop(k) for k in ("offload", "vae_tiling", "vae_slicing") if k in model_options}
         if isinstance(model, str):
             name, opts = parse_spec(model) if model.strip() in MODELS or ":" in model.split("/")[0] else (model.strip(), {})
             model, model_options = name, {**opts, **model_options}
+        # a setting given among the model's options goes to its own field (an explicit argument wins)
+        typed = {"num_steps": steps, "guidance_scale": guidance, "scheduler": scheduler, "dtype": dtype,
+                 "height": height, "width": width, "batch_size": batch_size, "device": device}
+        for key in list(model_options):
+            if key in typed:
+                value = model_options.pop(key)
+                typed[key] = value if typed[key] is None else typed[key]
+        steps, guidance, scheduler, dtype = typed["num_steps"], typed["guidance_scale"], typed["scheduler"], typed["dtype"]
+        height, width, batch_size, device = typed["height"], typed["width"], typed["batch_size"], typed["device"]
+        how = {k: model_options.pop(k) for k in ("offload", "vae_tiling", "vae_slicing") if k in model_options}
+        if dtype is not None:
+            from noiseopt.core import get_dtype
+
+            dtype = str(get_dtype(dtype)).removeprefix("torch.")  # one name for fp16, float16, half, torch.float16
+        if isinstance(model, str):
             known = MODELS.options(name) if name in MODELS else {}
             default = lambda k: known.get(k) if known.get(k) is not inspect.Parameter.empty else None  # noqa: E731
             if steps is None:
@@ -135,7 +150,10 @@ class RunSpec:
                               f"or a sampler; got {type(model).__name__}")
         else:
             steps = steps if steps is not None else getattr(model, "num_steps", None)
-        entry = model_entry(model, **{k: v for k, v in (("num_steps", steps), ("guidance_scale", guidance),
+        if isinstance(model, ModelEntry) and any(v is not None for v in (steps, guidance, scheduler, dtype, height, width)):
+            raise ConfigError("a ModelEntry carries its own sampler settings: pass its name with options (e.g. "
+                              "model='shapes', steps=10) or set them where the entry is made")
+        entry = model if isinstance(model, ModelEntry) else model_entry(model, **{k: v for k, v in (("num_steps", steps), ("guidance_scale", guidance),
                                                         ("scheduler", scheduler), ("dtype", dtype), ("height", height),
                                                         ("width", width), ("batch_size", batch_size), ("device", device))
                                       if v is not None}, **how, **model_options) if isinstance(model, str) else None
@@ -178,7 +196,8 @@ class RunSpec:
                 raise ConfigError(f"{len(weights)} weights given for {len(canon)} verifiers: give one per verifier")
         if budget is None and steps is not None:
             budget = 8 * steps
-        return cls(prompt=prompt, model=model, steps=_whole(steps, "steps", 1), guidance=guidance, scheduler=scheduler,
+        return cls(prompt=prompt, model=model, steps=_whole(steps, "steps", 1),
+                   guidance=None if guidance is None else float(guidance), scheduler=scheduler,
                    dtype=None if dtype is None else str(dtype), height=_whole(height, "height", 1),
                    width=_whole(width, "width", 1), model_options=tuple(sorted(model_options.items())),
                    verifiers=tuple(canon), weights=weights, ensemble=ensemble, algo=algo, budget=budget,

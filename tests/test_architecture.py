@@ -390,8 +390,8 @@ def test_offloaded_verifiers_score_as_before_and_rest_on_the_cpu():
 # --- notebooks read as documentation --------------------------------------------------------------------------------
 
 def heading_lines(markdown: str, first_cell: bool) -> list[str]:
-    "Returns the lines of a markdown cell that render as top-level headings where prose was meant: `#` alone, or a `# `
-    line anywhere but the notebook's title (the first line of its first cell); fenced code is skipped."
+    """Returns the lines of a markdown cell that render as top-level headings where prose was meant: `#` alone, or a
+    `# ` line anywhere but the notebook's title (the first line of its first cell); fenced code is skipped."""
     out, fence = [], False
     for j, line in enumerate(markdown.split("\n")):
         if line.startswith("```"):

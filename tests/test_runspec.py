@@ -200,3 +200,23 @@ def test_a_search_in_one_class_and_one_registry_line_shows_in_the_cli_the_table_
 
     labels = plot_scaling(summary).axes[0].get_legend_handles_labels()[1]
     assert any("two at a time" in label for label in labels), labels
+
+
+def test_a_folder_saved_without_a_spec_resumes_on_its_settings(tmp_path):
+    out = tmp_path / "old"
+    first = spec(budget=50).run(out=out)
+    state = json.loads((out / "state.json").read_text())
+    state.pop("spec")  # a folder written before runs had specs
+    (out / "state.json").write_text(json.dumps(state))
+    assert spec(budget=50).run(out=out).to_dict()["candidates"] == first.to_dict()["candidates"]
+    with pytest.raises(ConfigError, match="budget: 50 in the folder, 75 now"):
+        spec(budget=75).run(out=out)
+
+
+def test_a_model_entry_is_a_model_with_its_own_verifiers():
+    from noiseopt.samplers import model_entry
+
+    res = noiseopt.search_noise(PROMPT, model=model_entry("shapes"), budget=50)
+    assert res.settings["verifiers"] == ["clip", "aesthetic"] and res.spec["model"] == "<noiseopt.samplers.ModelEntry:name=shapes>"
+    with pytest.raises(ConfigError, match="carries its own sampler settings"):
+        noiseopt.search_noise(PROMPT, model=model_entry("shapes"), steps=10)

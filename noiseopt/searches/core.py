@@ -282,6 +282,11 @@ class Search:
     curve_from_one_run = False
     needs_restartable = False
 
+    @property
+    def record(self):
+        raise AttributeError("a search keeps no state of a run: the candidates of the run in hand are `run.record` "
+                             "(the `run` that `begin` and `advance` are given)")
+
     def __init__(self, sampler, ensemble, batch_size: int | None = None):
         if self.needs_restartable:
             require_restartable(sampler, f"{self.algo} search")
@@ -426,9 +431,7 @@ class Search:
         then = {"prompt": meta["prompt"], **meta["settings"]}
         lines += [f"{k}: {then.get(k)!r} in the folder, {now.get(k)!r} now" for k in sorted(set(now) | set(then))
                   if now.get(k) != then.get(k) and k not in named]
-        if run.spec is not None and meta.get("spec") is None:
-            lines.append("spec: none in the folder (a run made without one), one now")
-        return lines
+        return lines  # a folder saved without a spec (an older version, a plain Search.run) is checked on its settings
 
     def finish(self, run: Run, checker: Callable | None = None) -> SearchResult:
         "Chooses the best final candidate by utility over all of them and closes the record."
