@@ -10,7 +10,6 @@ __all__ = ['derive_seed', 'noise_key', 'Run', 'is_final', 'RunRecord', 'search_s
            'PATH_DEFAULTS', 'SPLIT_DEFAULT']
 
 # %% ../nbs/98_search_compat.ipynb #563ccb60
-"Re-exports of the old `noiseopt.search` names from their new homes."
 from .searches.core import (CheckpointStore, Run, RunRecord, Search, derive_seed,  # noqa: F401
                                     is_final, make_search, noise_key, search_state, state_from_json,
                                     state_to_json)
