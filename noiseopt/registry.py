@@ -185,9 +185,10 @@ MODELS = Registry("model", "noiseopt.models", {
     "flux-dev": "noiseopt.samplers:flux_dev_model", "flux-schnell": "noiseopt.samplers:flux_schnell_model",
     "pixart-sigma": "noiseopt.samplers:pixart_sigma_model"})
 VERIFIERS = Registry("verifier", "noiseopt.verifiers", {
-    "clip": "noiseopt.verifiers:clip_verifier", "aesthetic": "noiseopt.verifiers:aesthetic_verifier",
-    "imagereward": "noiseopt.verifiers:imagereward_verifier", "pickscore": "noiseopt.verifiers:pickscore_verifier",
-    "hps": "noiseopt.verifiers:hps_verifier", "gpt": "noiseopt.judge:GPTJudge"}, skip=("device",))
+    "clip": "noiseopt.verifiers.clip:clip_verifier", "aesthetic": "noiseopt.verifiers.aesthetic:aesthetic_verifier",
+    "imagereward": "noiseopt.verifiers.imagereward:imagereward_verifier",
+    "pickscore": "noiseopt.verifiers.pickscore:pickscore_verifier",
+    "hps": "noiseopt.verifiers.hps:hps_verifier", "gpt": "noiseopt.verifiers.gpt:GPTJudge"}, skip=("device",))
 SEARCHES = Registry("search", "noiseopt.searches", {
     "random": "noiseopt.searches.random:RandomSearch", "zo": "noiseopt.searches.zero_order:ZeroOrderSearch",
     "paths": "noiseopt.searches.paths:PathSearch", "both": "noiseopt.searches.both:CombinedSearch",

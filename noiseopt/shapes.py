@@ -465,7 +465,7 @@ def load_sampler(path: str | Path | None = None, num_steps: int = 25, guidance_s
 def load_clip(path: str | Path | None = None, device: str | None = "cpu", scale: float = 2.5, raw: bool = False,
               batch_size: int = 64):
     "Returns the shapes CLIP score (the package's `CLIPScore` over the shipped tiny CLIP, without the caption prefix), loaded."
-    from noiseopt.verifiers import CLIPScore
+    from noiseopt.verifiers.clip import CLIPScore
 
     with _quiet():
         return CLIPScore.from_pretrained(_root(path) / "clip", device=device, batch_size=batch_size, pil=False,
@@ -474,7 +474,7 @@ def load_clip(path: str | Path | None = None, device: str | None = "cpu", scale:
 
 def load_aesthetic(path: str | Path | None = None, clip=None, device: str | None = "cpu", batch_size: int = 64):
     "Returns the shapes aesthetic score: the shipped head over the shapes CLIP (`clip`, loaded if not given)."
-    from noiseopt.verifiers import AestheticHead, AestheticScore
+    from noiseopt.verifiers.aesthetic import AestheticHead, AestheticScore
 
     clip = clip if clip is not None else load_clip(path, device)
     return AestheticScore(clip, AestheticHead.from_file(_root(path) / "aesthetic.safetensors"), batch_size=batch_size)
@@ -497,7 +497,7 @@ def shapes_model(path: str | Path | None = None, num_steps: int = 25, guidance_s
     shared: dict = {}
 
     def clip(scale: float = 2.5, raw: bool = False, batch_size: int = 64):
-        from noiseopt.verifiers import CLIPScore
+        from noiseopt.verifiers.clip import CLIPScore
 
         if "clip" not in shared:  # one tiny CLIP serves both verifiers
             shared["clip"] = load_clip(path, device)

@@ -419,7 +419,7 @@ def _save_clip(name: str, out: Path, ema: dict | None, clip, head, log: _Log) ->
     from safetensors.torch import save_file
     from transformers import CLIPImageProcessor
 
-    from noiseopt.verifiers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from noiseopt.verifiers.core import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     if ema is None:
         return False
@@ -442,7 +442,8 @@ def train_clip(out: Path, steps: int, seed: int, deadline: float, log: _Log, bat
     with one attribute changed (which image does this caption describe?), and each caption with every image of the
     batch and with a `negative_render` of its scene: which of these images does this caption describe? The
     second direction is the verifier's job in a search, where one prompt ranks many images."""
-    from noiseopt.verifiers import AestheticHead, clip_preprocess
+    from noiseopt.verifiers.aesthetic import AestheticHead
+    from noiseopt.verifiers.core import clip_preprocess
 
     torch.manual_seed(seed + 1)
     clip, head = build_clip(), AestheticHead(64, (256, 64, 32, 16))
@@ -483,7 +484,8 @@ def train_order(out: Path, steps: int, seed: int, deadline: float, log: _Log, ba
     from safetensors.torch import load_file
     from transformers import CLIPModel
 
-    from noiseopt.verifiers import AestheticHead, clip_preprocess
+    from noiseopt.verifiers.aesthetic import AestheticHead
+    from noiseopt.verifiers.core import clip_preprocess
 
     if not (out / "clip" / "config.json").is_file():
         raise ConfigError(f"{out / 'clip'} has no CLIP to teach word order: train the 'clip' part first")

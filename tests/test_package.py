@@ -15,7 +15,7 @@ def run(*args, **kwargs):
 def test_import_leaves_heavy_libraries_unloaded():
     code = ("import sys, noiseopt, noiseopt.core, noiseopt.samplers, noiseopt.testing, noiseopt.cli, "
             "noiseopt.shapes, noiseopt.shapes_train, noiseopt.verifiers, noiseopt.ensemble, noiseopt.search, "
-            "noiseopt.viz, noiseopt.bench; "
+            "noiseopt.viz, noiseopt.bench, noiseopt.judge, noiseopt.runspec, noiseopt.searches, noiseopt.verifiers.gpt; "
             f"print([m for m in {HEAVY!r} if m in sys.modules])")
     out = run(sys.executable, "-c", code)
     assert out.returncode == 0, out.stderr

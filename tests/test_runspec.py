@@ -135,7 +135,9 @@ OLD_PATHS = {
                         "loaded", "ZO_DEFAULTS", "PATH_DEFAULTS", "SPLIT_DEFAULT", "is_final"],
     "noiseopt.bench": ["benchmark", "summarize", "format_table", "method_label", "ALGO_ORDER"],
     "noiseopt.samplers": ["DiffusersSampler", "FlowMatchSampler", "model_entry", "ModelEntry"],
-    "noiseopt.verifiers": ["CallableVerifier", "CLIPScore", "AestheticScore", "load_verifier"],
+    "noiseopt.verifiers": ["CallableVerifier", "CLIPScore", "AestheticScore", "ImageReward", "PickScore", "HPSv2",
+                           "load_verifier", "clip_text_clean", "pil_preprocess", "imagereward_from_state_dict"],
+    "noiseopt.judge": ["GPTJudge", "JudgementCache", "parse_judgement", "RUBRIC"],
     "noiseopt.viz": ["plot_trajectory", "plot_scaling", "image_grid", "compare"],
 }
 
@@ -145,8 +147,11 @@ def test_todays_import_paths_keep_working():
         m = importlib.import_module(module)
         missing = [n for n in names if not hasattr(m, n)]
         assert not missing, (module, missing)
-    from noiseopt import search, searches
+    from noiseopt import judge, search, searches, verifiers
     from noiseopt.runspec import search_noise
+    from noiseopt.verifiers import gpt
+
+    assert judge.GPTJudge is gpt.GPTJudge and verifiers.CLIPScore.__module__ == "noiseopt.verifiers.clip"
 
     assert search.ZeroOrderSearch is searches.ZeroOrderSearch and search.search_noise is search_noise is noiseopt.search_noise
 
