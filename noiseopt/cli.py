@@ -302,14 +302,14 @@ def _prompt_set(model: str, name: str | None) -> tuple[str, list[str]]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    "Runs the benchmark (`noiseopt.bench.bench_command`): every algorithm at every budget on a prompt set, or `--perf`."
-    from noiseopt.bench import bench_command
+    "Runs the benchmark (`noiseopt.benchmarks.run.bench_command`): every algorithm at every budget on a prompt set, or `--perf`."
+    from noiseopt.benchmarks.run import bench_command
 
     return bench_command(args)
 
 
 def _add_bench(sub) -> None:
-    from noiseopt.bench import add_bench_arguments  # torch-free: the benchmark's arguments live beside its code
+    from noiseopt.benchmarks.run import add_bench_arguments  # torch-free: the benchmark's arguments live beside its code
 
     p = sub.add_parser("bench", help="score against NFEs for every search on a prompt set: the reference table, "
                                      "the scaling curves; --perf: the framework's own cost",
@@ -322,7 +322,7 @@ def _add_bench(sub) -> None:
 # %% ../nbs/90_cli.ipynb #bbaf8075
 def cmd_sweep(args: argparse.Namespace) -> int:
     "Runs the defaults sweep of `--algos` on `--prompts` prompts of a prompt set and prints one row per configuration."
-    from noiseopt.bench import SWEEP_GRID, format_sweep, sweep
+    from noiseopt.benchmarks.sweep import SWEEP_GRID, format_sweep, sweep
 
     algos = _algos_and_counts(args, SWEEP_GRID)
     _, prompts = _prompt_set(args.model, args.prompt_set)
@@ -353,7 +353,7 @@ def _add_sweep(sub) -> None:
 # %% ../nbs/90_cli.ipynb #d008df67
 def cmd_bench_verifiers(args: argparse.Namespace) -> int:
     "Times every named verifier at real size with random weights and prints seconds per image."
-    from noiseopt.bench import format_speed, verifier_speed
+    from noiseopt.benchmarks.verifier_speed import format_speed, verifier_speed
 
     names = [n.strip() for n in args.verifiers.split(",") if n.strip()]
     known = ("clip", "aesthetic", "imagereward", "pickscore", "hps")
@@ -383,7 +383,7 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
     "Runs the GPU check and prints its table."
     import torch
 
-    from noiseopt.bench import format_gpu_check, gpu_check
+    from noiseopt.benchmarks.gpu import format_gpu_check, gpu_check
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in ("sdxl", "flux-dev")]

@@ -212,7 +212,7 @@ def compare(baseline, best=None, prompt: str | None = None, checker=None):
 
 # %% ../nbs/07_viz.ipynb #7be12953
 def plot_scaling(summary: dict, metrics: Sequence[str] | None = None):
-    """Returns a matplotlib figure of a benchmark's curves (`noiseopt.bench.summarize`): each metric's mean over prompts
+    """Returns a matplotlib figure of a benchmark's curves (`noiseopt.benchmarks.tables.summarize`): each metric's mean over prompts
     against the NFEs spent (log scale), one line per algorithm with its 95% band, the one-sample baseline dashed."""
     import math
 

@@ -8,7 +8,9 @@ import time
 
 import pytest
 
-from noiseopt.bench import _finalize, _repair, benchmark, load_prompts, read_results, summarize, format_table
+from noiseopt.benchmarks.data import _finalize, _repair, load_prompts, read_results
+from noiseopt.benchmarks.run import benchmark
+from noiseopt.benchmarks.tables import format_table, summarize
 from noiseopt.cli import main
 from noiseopt.errors import ConfigError, NoiseoptError
 
