@@ -18,11 +18,12 @@ from PIL import Image
 
 # %% auto #0
 __all__ = ['default_device', 'get_device', 'get_dtype', 'randn', 'generators_from_seeds', 'noise_from_seeds', 'to_pil',
-           'from_pil', 'Candidate', 'SearchResult', 'Budget']
+           'from_pil', 'Candidate', 'candidate_files', 'png_bytes', 'latent_bytes', 'read_candidate_files', 'is_final',
+           'SearchResult', 'Budget']
 
 # %% ../nbs/00_core.ipynb #3247af67
 from .errors import (BudgetError, ConfigError, ModelNotFoundError, NoiseoptError, PromptError,  # noqa: F401
-                             SchedulerError, UnknownNameError, UnsupportedModelError)
+                             SchedulerError, UnknownNameError, UnsupportedModelError, whole_number)
 
 # %% ../nbs/00_core.ipynb #ad0d7013
 def default_device() -> torch.device:
@@ -89,9 +90,8 @@ def randn(shape: Sequence[int], generator: torch.Generator | Sequence[torch.Gene
 
 
 def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ConfigError(f"seeds must be integers, got {seed!r}")
-    if not 0 <= int(seed) < 2**63:
+    seed = whole_number(seed, "a seed", 0)
+    if not seed < 2**63:
         raise ConfigError(f"seed {seed} is out of range: use 0 <= seed < 2**63")
     return int(seed)
 
@@ -181,8 +181,44 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def _save_png(image: torch.Tensor, path: Path) -> None:
-    _atomic_write(path, lambda p: to_pil(image)[0].save(p, format="PNG"))
+def candidate_files(folder: str | os.PathLike, index: int) -> tuple[Path, Path]:
+    "Returns where candidate `index` of a run's folder keeps its image and its latent: `images/00007.png`, `latents/00007.safetensors`."
+    folder = Path(folder)
+    return folder / "images" / f"{index:05d}.png", folder / "latents" / f"{index:05d}.safetensors"
+
+
+def png_bytes(image: torch.Tensor) -> bytes:
+    "Returns an image tensor `3 x H x W` in `[0, 1]` as the bytes of a PNG file."
+    import io
+
+    buf = io.BytesIO()
+    to_pil(image)[0].save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def latent_bytes(latent: torch.Tensor) -> bytes:
+    "Returns a latent as the bytes of a safetensors file (one tensor, `latent`; no pickle)."
+    from safetensors.torch import save
+
+    return save({"latent": latent.detach().cpu().contiguous()})
+
+
+def read_candidate_files(folder: str | os.PathLike, candidates: Sequence[Candidate]) -> None:
+    "Gives each of `candidates` (candidate `i` at index `i`) its image and latent from `folder`, where they were saved."
+    from safetensors.torch import load_file
+
+    for i, c in enumerate(candidates):
+        png, lat = candidate_files(folder, i)
+        if png.is_file():
+            with Image.open(png) as im:
+                c.image = from_pil(im)[0]
+        if lat.is_file():
+            c.latent = load_file(str(lat))["latent"]
+
+
+def is_final(candidate: Candidate, num_steps: int) -> bool:
+    "Returns whether `candidate` was scored at the end of its schedule (on its image, not on a `predict_x0`)."
+    return candidate.step == candidate.info.get("num_steps", num_steps)
 
 
 @dataclass
@@ -210,6 +246,15 @@ class SearchResult:
         "The first random noise, fully sampled: what the search is compared with."
         return None if self.baseline_index is None else self.candidates[self.baseline_index]
 
+    def eligible(self, num_steps: int | None = None) -> list[int]:
+        """Returns the indices of the candidates the search may return, the one rule for choosing and for showing:
+        final ones (scored on their image at the end of their schedule), not the baseline sampled outside the budget.
+
+        `num_steps` is the sampler's `K` (default: the result's settings')."""
+        K = self.settings.get("num_steps") if num_steps is None else num_steps
+        return [i for i, c in enumerate(self.candidates)
+                if not c.info.get("baseline_only") and (K is None or is_final(c, K))]
+
     def to_dict(self) -> dict:
         "Returns the JSON-ready record of the result (no tensors)."
         return {"prompt": self.prompt, "algo": self.algo, "nfe": int(self.nfe), "best_index": self.best_index,
@@ -226,18 +271,18 @@ class SearchResult:
             raise ConfigError(f"cannot create the output folder {str(folder)!r} ({e.strerror}): choose a writable place") from e
         if not os.access(folder, os.W_OK):
             raise ConfigError(f"the output folder {str(folder)!r} is not writable: choose another one")
+        def write(path: Path, data: bytes) -> None:
+            _atomic_write(path, lambda p: p.write_bytes(data))
+
         for i, c in enumerate(self.candidates):
+            png, lat = candidate_files(folder, i)
             if c.image is not None and candidate_images:
-                _save_png(c.image, folder / "images" / f"{i:05d}.png")
+                write(png, png_bytes(c.image))
+            if c.latent is not None and latents:
+                write(lat, latent_bytes(c.latent))
         for name, cand in (("best", self.best), ("baseline", self.baseline)):
             if cand is not None and cand.image is not None:
-                _save_png(cand.image, folder / f"{name}.png")
-        if latents:
-            from safetensors.torch import save_file
-            for i, c in enumerate(self.candidates):
-                if c.latent is not None:
-                    tensors = {"latent": c.latent.detach().cpu().contiguous()}
-                    _atomic_write(folder / "latents" / f"{i:05d}.safetensors", lambda p, t=tensors: save_file(t, str(p)))
+                write(folder / f"{name}.png", png_bytes(cand.image))
         text = json.dumps(self.to_dict(), indent=1, default=str)
         _atomic_write(folder / "result.json", lambda p: p.write_text(text, encoding="utf-8"))
         return folder
@@ -251,16 +296,7 @@ class SearchResult:
             raise ConfigError(f"no result.json in {str(folder)!r}: pass a folder written by SearchResult.save")
         d = json.loads(path.read_text(encoding="utf-8"))
         cands = [Candidate.from_dict(c) for c in d.pop("candidates")]
-        for i, c in enumerate(cands):
-            png = folder / "images" / f"{i:05d}.png"
-            if png.is_file():
-                with Image.open(png) as im:
-                    c.image = from_pil(im)[0]
-        from safetensors.torch import load_file
-        for i, c in enumerate(cands):
-            lat = folder / "latents" / f"{i:05d}.safetensors"
-            if lat.is_file():
-                c.latent = load_file(str(lat))["latent"]
+        read_candidate_files(folder, cands)
         return cls(candidates=cands, **d)
 
 # %% ../nbs/00_core.ipynb #960995cb
@@ -272,8 +308,7 @@ class Budget:
     `can_afford` honour it, `spend` refuses what would pass it."""
 
     def __init__(self, total: int, spent: int = 0, cap: int | None = None):
-        if isinstance(total, bool) or not isinstance(total, (int, np.integer)) or total < 1:
-            raise BudgetError(f"a budget must be a positive whole number of NFEs, got {total!r}")
+        whole_number(total, "a budget of NFEs", 1, BudgetError)
         self.total, self.spent, self.cap = int(total), int(spent), None if cap is None else int(cap)
 
     @property

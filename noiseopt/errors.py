@@ -5,9 +5,12 @@
 # %% ../nbs/00b_errors.ipynb #e0a1b2c5
 from __future__ import annotations
 
+import numbers
+
+
 # %% auto #0
 __all__ = ['NoiseoptError', 'ConfigError', 'UnknownNameError', 'PromptError', 'ModelNotFoundError', 'UnsupportedModelError',
-           'SchedulerError', 'BudgetError', 'shorten']
+           'SchedulerError', 'BudgetError', 'shorten', 'whole_number']
 
 # %% ../nbs/00b_errors.ipynb #e0a1b2c6
 class NoiseoptError(Exception):
@@ -50,3 +53,10 @@ def shorten(text: str, limit: int = 80) -> str:
     text = str(text)
     tail = f"... ({len(text)} characters)"
     return text if len(text) <= limit else text[: max(0, limit - len(tail))] + tail
+
+# %% ../nbs/00b_errors.ipynb #d6e001a1
+def whole_number(value, what: str, minimum: int = 1, error: type[NoiseoptError] = ConfigError) -> int:
+    "Returns `value` as an `int` if it is a whole number of at least `minimum`; raises `error` naming `what` otherwise."
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise error(f"{what} must be a whole number >= {minimum}, got {value!r}")
+    return int(value)

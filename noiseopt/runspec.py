@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 from .core import SearchResult
 from .ensemble import Ensemble
-from .errors import ConfigError
+from .errors import ConfigError, whole_number
 from .registry import SEARCHES, check_options, factory_options, parse_spec
 from .samplers import check_prompt
 from .searches.core import CheckpointStore, another_run, make_search
@@ -52,11 +51,7 @@ def _is_pipeline(obj) -> bool:
 
 
 def _whole(value, what: str, minimum: int = 0):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ConfigError(f"{what} must be a whole number >= {minimum}, got {value!r}")
-    return int(value)
+    return None if value is None else whole_number(value, what, minimum)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from .errors import shorten
+from .errors import shorten, whole_number
 from .core import (ConfigError, ModelNotFoundError, PromptError, SchedulerError, UnsupportedModelError,
                            get_device, get_dtype, noise_from_seeds, randn)
 
@@ -253,10 +253,7 @@ class DiffusersSampler:
         if kind is None or kind in ("flux", "sd3"):
             raise UnsupportedModelError(
                 f"{type(pipe).__name__} is not supported: DiffusersSampler drives {', '.join(_PIPELINES)}")
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-            raise ConfigError(f"num_steps must be a whole number >= 1, got {num_steps!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+        num_steps, batch_size = whole_number(num_steps, "num_steps"), whole_number(batch_size, "batch_size")
         if kind != "pixart" and (max_sequence_length is not None or clean_caption is not None):
             raise ConfigError("max_sequence_length and clean_caption are options of T5-encoded models (PixArt-Σ, FLUX, SD3)")
         self.pipe, self.kind = pipe, kind
@@ -540,10 +537,7 @@ class FlowMatchSampler(DiffusersSampler):
         import numpy as np
 
         self.kind = _PIPELINES[type(pipe).__name__]
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-            raise ConfigError(f"num_steps must be a whole number >= 1, got {num_steps!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+        num_steps, batch_size = whole_number(num_steps, "num_steps"), whole_number(batch_size, "batch_size")
         if scheduler is not None and not (isinstance(scheduler, str) and scheduler.strip().lower() == "flow_euler") and \
                 type(scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
             raise SchedulerError(f"{type(pipe).__name__} samples with its flow-matching Euler scheduler; "

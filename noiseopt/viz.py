@@ -16,12 +16,8 @@ __all__ = ['trajectory', 'plot_trajectory', 'LiveTrajectory', 'image_grid', 'can
 
 # %% ../nbs/07_viz.ipynb #87336f9b
 def _eligible(result: SearchResult) -> list[int]:
-    "The final candidates a search could return (as `RunRecord.eligible`), with their images."
-    from noiseopt.searches.core import is_final
-
-    K = result.settings.get("num_steps")
-    return [i for i, c in enumerate(result.candidates) if not c.info.get("baseline_only") and c.image is not None
-            and (K is None or is_final(c, K))]
+    "The candidates a search could return (`SearchResult.eligible`) that have their images."
+    return [i for i in result.eligible() if result.candidates[i].image is not None]
 
 
 def trajectory(result: SearchResult) -> list[dict]:

@@ -16,15 +16,16 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..core import Budget, Candidate, SearchResult, _atomic_write, from_pil, to_pil
+from ..core import (Budget, Candidate, SearchResult, _atomic_write, candidate_files, is_final,  # noqa: F401
+                           latent_bytes, png_bytes, read_candidate_files)
 from ..ensemble import Ensemble
-from ..errors import BudgetError, ConfigError
+from ..errors import BudgetError, ConfigError, whole_number
 from ..registry import SEARCHES, factory_options
 from ..samplers import check_prompt, require_restartable
 
 # %% auto #0
-__all__ = ['derive_seed', 'noise_key', 'Run', 'is_final', 'RunRecord', 'search_state', 'state_to_json', 'state_from_json',
-           'another_run', 'CheckpointStore', 'Search', 'make_search']
+__all__ = ['derive_seed', 'noise_key', 'Run', 'RunRecord', 'search_state', 'state_to_json', 'state_from_json', 'another_run',
+           'CheckpointStore', 'Search', 'make_search']
 
 # %% ../../nbs/searches/00_core.ipynb #52c9c38a
 def derive_seed(seed: int, k: int) -> int:
@@ -78,11 +79,6 @@ class Run:
         self.budget.spend(n)
 
 # %% ../../nbs/searches/00_core.ipynb #6a1c0e01
-def is_final(candidate: Candidate, num_steps: int) -> bool:
-    "Returns whether `candidate` was scored at the end of its schedule (on its image, not on a `predict_x0`)."
-    return candidate.step == candidate.info.get("num_steps", num_steps)
-
-
 class RunRecord:
     "The candidates of a run: scored once by the ensemble, recorded with their origin, step and the NFEs spent."
 
@@ -121,9 +117,8 @@ class RunRecord:
         return list(range(first, first + n))
 
     def eligible(self) -> list[int]:
-        "Returns the indices of the candidates the search may return: final ones its budget paid for."
-        return [i for i, c in enumerate(self.candidates)
-                if is_final(c, self.num_steps) and not c.info.get("baseline_only")]
+        "Returns the indices of the candidates the search may return (`SearchResult.eligible`)."
+        return self.result.eligible(self.num_steps)
 
     def utilities(self, indices: Sequence[int]) -> torch.Tensor:
         "Returns the utilities of the candidates `indices`, judged as one pool."
@@ -210,20 +205,14 @@ class CheckpointStore:
         self.bytes_written += len(data)
 
     def append(self, candidates: Sequence[Candidate], first: int) -> None:
-        "Writes candidates `first, first + 1, ...`: image, latent and record line each."
-        import io
-
-        from safetensors.torch import save
-
+        "Writes candidates `first, first + 1, ...`: image, latent and record line each (the layout of `SearchResult.save`)."
         lines = []
         for k, c in enumerate(candidates, start=first):
+            png, lat = candidate_files(self.folder, k)
             if c.image is not None:
-                buf = io.BytesIO()
-                to_pil(c.image)[0].save(buf, format="PNG")
-                self._write(self.folder / "images" / f"{k:05d}.png", buf.getvalue())
+                self._write(png, png_bytes(c.image))
             if c.latent is not None:
-                self._write(self.folder / "latents" / f"{k:05d}.safetensors",
-                            save({"latent": c.latent.detach().cpu().contiguous()}))
+                self._write(lat, latent_bytes(c.latent))
             lines.append(json.dumps(c.to_dict()) + "\n")
         data = "".join(lines).encode()
         with open(self.folder / self.RECORDS, "ab") as f:
@@ -241,8 +230,7 @@ class CheckpointStore:
 
     def load(self) -> tuple[dict, Any, list[Candidate]] | None:
         "Returns `(meta, state, candidates)` saved here, or `None` if no run was saved."
-        from PIL import Image
-        from safetensors.torch import load, load_file
+        from safetensors.torch import load
 
         path = self.folder / self.STATE
         if not path.is_file():
@@ -258,13 +246,7 @@ class CheckpointStore:
             raise ConfigError(f"{str(self.folder)!r} holds no readable noiseopt checkpoint ({type(e).__name__}: {e}): "
                               "use another output folder, or delete it to start again") from None
         cands = [Candidate.from_dict(json.loads(line)) for line in lines]
-        for k, c in enumerate(cands):
-            png, lat = self.folder / "images" / f"{k:05d}.png", self.folder / "latents" / f"{k:05d}.safetensors"
-            if png.is_file():
-                with Image.open(png) as im:
-                    c.image = from_pil(im)[0]
-            if lat.is_file():
-                c.latent = load_file(str(lat))["latent"]
+        read_candidate_files(self.folder, cands)
         # lines a killed round wrote after this state are dropped, so the next round appends after candidate n
         with open(self.folder / self.RECORDS, "wb") as f:
             f.write("".join(line + "\n" for line in lines).encode())
@@ -290,8 +272,7 @@ class Search:
     def __init__(self, sampler, ensemble, batch_size: int | None = None):
         if self.needs_restartable:
             require_restartable(sampler, f"{self.algo} search")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-            raise ConfigError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+        batch_size = None if batch_size is None else whole_number(batch_size, "batch_size")
         self.sampler = sampler
         self.ensemble = ensemble if isinstance(ensemble, Ensemble) else Ensemble(ensemble)
         self.batch_size = batch_size or getattr(sampler, "batch_size", 8)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core import generators_from_seeds
-from ..errors import BudgetError, ConfigError
+from ..errors import BudgetError, ConfigError, whole_number
 from .core import Search, noise_key, search_state
 
 
@@ -50,13 +50,11 @@ class PathSearch(Search):
                  batch_size: int | None = None):
         super().__init__(sampler, ensemble, batch_size)
         K = sampler.num_steps
-        self.paths, self.per_path = int(paths), int(per_path)
+        self.paths, self.per_path = whole_number(paths, "paths"), whole_number(per_path, "per_path")
         d = path_steps(K, PATH_DEFAULTS["start"], PATH_DEFAULTS["forward"], PATH_DEFAULTS["backward"])
         self.start_step = d["start_step"] if start_step is None else int(start_step)
         self.forward = min(d["forward"], self.start_step) if forward is None else int(forward)
         self.backward = max(self.forward + 1, d["backward"]) if backward is None else int(backward)
-        if self.paths < 1 or self.per_path < 1:
-            raise ConfigError(f"paths and per_path must be at least 1, got {paths} and {per_path}")
         if not 0 < self.start_step < K:
             raise ConfigError(f"start_step must be inside the schedule (0 < start_step < {K}), got {self.start_step}")
         if not 0 < self.forward <= self.start_step:

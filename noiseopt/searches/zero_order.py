@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, whole_number
 from .core import Search, search_state
 
 
@@ -58,8 +58,7 @@ class ZeroOrderSearch(Search):
     def __init__(self, sampler, ensemble, neighbors: int = ZO_DEFAULTS["neighbors"], lam: float = ZO_DEFAULTS["lam"],
                  batch_size: int | None = None):
         super().__init__(sampler, ensemble, batch_size)
-        if isinstance(neighbors, bool) or not isinstance(neighbors, int) or neighbors < 1:
-            raise ConfigError(f"neighbors must be a whole number >= 1, got {neighbors!r}")
+        neighbors = whole_number(neighbors, "neighbors")
         if not 0 <= lam < 1:
             raise ConfigError(f"lam is a cosine similarity in [0, 1), got {lam}")
         self.neighbors, self.lam = neighbors, float(lam)
