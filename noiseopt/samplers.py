@@ -5,7 +5,6 @@
 # %% ../nbs/01_samplers.ipynb #8e0d0eeb
 from __future__ import annotations
 
-import copy
 import hashlib
 import inspect
 import math
@@ -19,13 +18,14 @@ import torch
 
 from .errors import shorten, whole_number
 from .core import (ConfigError, ModelNotFoundError, PromptError, SchedulerError, UnsupportedModelError,
-                           get_device, get_dtype, noise_from_seeds, randn)
+                           get_device, get_dtype, randn)
+from .models.core import (FAMILIES, FlowAdapter, RESTARTABLE, SCHEDULERS, Conditioning, adapter_for,  # noqa: F401
+                                  call_default, decode_latents, make_scheduler, state_levels)
 
 # %% auto #0
-__all__ = ['SCHEDULERS', 'RESTARTABLE', 'sd15_model', 'sdxl_model', 'sd35_large_model', 'sd35_medium_model', 'flux_dev_model',
-           'flux_schnell_model', 'pixart_sigma_model', 'Sampler', 'require_restartable', 'make_scheduler',
-           'Conditioning', 'check_prompt', 'encode_prompt', 'load_pipeline', 'DiffusersSampler', 'state_levels',
-           'renoise_states', 'decode_latents', 'FlowMatchSampler', 'ModelEntry', 'diffusers_model', 'model_entry']
+__all__ = ['sd15_model', 'sdxl_model', 'sd35_large_model', 'sd35_medium_model', 'flux_dev_model', 'flux_schnell_model',
+           'pixart_sigma_model', 'Sampler', 'require_restartable', 'encode_prompt', 'check_prompt', 'load_pipeline',
+           'DiffusersSampler', 'renoise_states', 'FlowMatchSampler', 'ModelEntry', 'diffusers_model', 'model_entry']
 
 # %% ../nbs/01_samplers.ipynb #3f666984
 @runtime_checkable
@@ -36,7 +36,10 @@ class Sampler(Protocol):
     part-way, and whether `predict_x0` and `renoise` work; a sampler that is not restartable can still
     run random search, zero-order search and the more-steps baseline. `seeds=` key the fresh noise
     that stochastic schedulers draw at each step (one seed per sample), so that a sample does not
-    depend on its batch or on where a run was resumed."""
+    depend on its batch or on where a run was resumed.
+
+    A sampler may also offer `with_steps(n)`: a sampler of `n` steps whose schedule starts where its own does (the
+    more-steps baseline asks for it; without it, `replace(num_steps=n)`)."""
     num_steps: int
     batch_size: int
     nfe: int
@@ -79,48 +82,20 @@ def require_restartable(sampler, what: str) -> None:
                              "for diffusers models use scheduler='ddim', 'euler' or 'euler_a'")
 
 # %% ../nbs/01_samplers.ipynb #ef349cc4
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler",
-    "pndm": "PNDMScheduler",
-    "lms": "LMSDiscreteScheduler",
-}
-RESTARTABLE = ("DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler")
-_STOCHASTIC = ("EulerAncestralDiscreteScheduler",)
-
-
-def make_scheduler(name: str, config: dict | Any):
-    "Returns the diffusers scheduler called `name` (a key of `SCHEDULERS`) built from another scheduler's `config`."
-    import diffusers
-
-    key = name.strip().lower()
-    if key not in SCHEDULERS:
-        raise ConfigError(f"unknown scheduler {name!r}: use one of {', '.join(SCHEDULERS)}")
-    return getattr(diffusers, SCHEDULERS[key]).from_config(config)
+_STOCHASTIC = ("EulerAncestralDiscreteScheduler",)  # schedulers that draw fresh noise at each step
 
 # %% ../nbs/01_samplers.ipynb #2cbec414
-@dataclass
-class Conditioning:
-    "A prompt's text conditioning for one sample (and its unconditional counterpart when guidance is on)."
-    prompt: str
-    embeds: torch.Tensor
-    neg_embeds: torch.Tensor | None = None
-    added: dict[str, torch.Tensor] = field(default_factory=dict)
-    neg_added: dict[str, torch.Tensor] = field(default_factory=dict)
+def encode_prompt(pipe, prompt: str, guidance: bool, negative_prompt: str | None = None,
+                  size: tuple[int, int] | None = None, max_sequence_length: int = 300,
+                  clean_caption: bool = True) -> Conditioning:
+    "Returns `prompt`'s `Conditioning` by the pipeline's own text encoders, as its family's adapter encodes it."
+    from types import SimpleNamespace
 
-    def unet_kwargs(self, n: int, guidance: bool) -> dict:
-        "Returns the UNet's conditioning arguments for a batch of `n` samples (`2n` rows with guidance: uncond first)."
-        def rows(cond, uncond):
-            cond = cond.repeat(n, *[1] * (cond.ndim - 1))
-            return torch.cat([uncond.repeat(n, *[1] * (uncond.ndim - 1)), cond]) if guidance else cond
-
-        kwargs = {"encoder_hidden_states": rows(self.embeds, self.neg_embeds)}
-        if self.added:
-            kwargs["added_cond_kwargs"] = {k: rows(v, self.neg_added[k] if guidance else None) for k, v in self.added.items()}
-        return kwargs
+    height, width = size if size is not None else (None, None)
+    s = SimpleNamespace(guidance=guidance, negative_prompt=negative_prompt, height=height, width=width,
+                        max_sequence_length=max_sequence_length, clean_caption=clean_caption,
+                        device=getattr(pipe, "_execution_device", pipe.device), dtype=None)
+    return adapter_for(pipe).encode(s, prompt)
 
 # %% ../nbs/01_samplers.ipynb #02d62efe
 def check_prompt(prompt) -> str:
@@ -131,38 +106,11 @@ def check_prompt(prompt) -> str:
         raise PromptError("the prompt is empty: describe the image you want, e.g. 'a red circle on the left'")
     return prompt
 
-@torch.no_grad()
-def encode_prompt(pipe, prompt: str, guidance: bool, negative_prompt: str | None = None,
-                  size: tuple[int, int] | None = None, max_sequence_length: int = 300,
-                  clean_caption: bool = True) -> Conditioning:
-    "Returns `prompt`'s `Conditioning` by the pipeline's own text encoders (SDXL's pooled embeddings and size ids too)."
-    device = pipe.device
-    if type(pipe).__name__ == "PixArtSigmaPipeline":
-        embeds, mask, neg, neg_mask = pipe.encode_prompt(
-            prompt, do_classifier_free_guidance=guidance, negative_prompt=negative_prompt or "", num_images_per_prompt=1,
-            device=device, clean_caption=clean_caption, max_sequence_length=max_sequence_length)
-        return Conditioning(prompt, embeds, neg, {"mask": mask}, {"mask": neg_mask} if guidance else {})
-    if type(pipe).__name__ == "StableDiffusionPipeline":
-        embeds, neg = pipe.encode_prompt(prompt, device, 1, guidance, negative_prompt)
-        return Conditioning(prompt, embeds, neg)
-    embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
-        prompt=prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guidance,
-        negative_prompt=negative_prompt)
-    proj = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else int(pooled.shape[-1])
-    time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype, text_encoder_projection_dim=proj).to(device)
-    return Conditioning(prompt, embeds, neg, {"text_embeds": pooled, "time_ids": time_ids},
-                        {"text_embeds": neg_pooled, "time_ids": time_ids} if guidance else {})
-
 # %% ../nbs/01_samplers.ipynb #5b1e0b02
-_PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "PixArtSigmaPipeline": "pixart",
-              "FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
-_FLOW_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline")
-
-
 def load_pipeline(id_or_path: str | os.PathLike, device: str | torch.device | None = None,
                   dtype: str | torch.dtype | None = None, variant: str | None = None, offload: str | None = None,
                   vae_tiling: bool = False, vae_slicing: bool = False):
-    """Returns the diffusers pipeline at a hub id or local folder, on `device` in `dtype`, if `DiffusersSampler` drives its class.
+    """Returns the diffusers pipeline at a hub id or local folder, on `device` in `dtype`, if `DiffusersSampler` drives its family.
 
     For one GPU: `offload="model"` keeps each component on the CPU until it runs (diffusers' model CPU offload),
     `"sequential"` does so layer by layer (slowest, least memory); `vae_tiling` and `vae_slicing` decode large
@@ -189,8 +137,8 @@ def load_pipeline(id_or_path: str | os.PathLike, device: str | torch.device | No
             f"could not load the pipeline config of {source!r} ({type(e).__name__}): check the id, or download it on "
             f"a machine with internet (`hf download {source} --local-dir DIR`) and pass DIR") from e
     class_name = config.get("_class_name", "?")
-    if class_name not in _PIPELINES:
-        raise UnsupportedModelError(f"{source!r} is a {class_name}; DiffusersSampler drives {', '.join(_PIPELINES)}")
+    if class_name not in FAMILIES:
+        raise UnsupportedModelError(f"{source!r} is a {class_name}; DiffusersSampler drives {', '.join(FAMILIES)}")
     extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in config else {}
     # components saved as absent (e.g. no VAE for a pixel-space model) must be passed as None explicitly
     extra.update({k: None for k, v in config.items()
@@ -216,11 +164,6 @@ def load_pipeline(id_or_path: str | os.PathLike, device: str | torch.device | No
     return pipe
 
 # %% ../nbs/01_samplers.ipynb #f2aaddb9
-def _call_default(pipe, name: str, fallback):
-    param = inspect.signature(type(pipe).__call__).parameters.get(name)
-    return fallback if param is None or param.default is inspect.Parameter.empty else param.default
-
-
 def _mix(*parts: int) -> int:
     "Returns a 63-bit seed mixed from integers (for noise keyed by a sample and a step)."
     data = b"".join(int(p).to_bytes(8, "little", signed=False) for p in parts)
@@ -235,59 +178,46 @@ def _content_seed(x: torch.Tensor) -> int:
 class DiffusersSampler:
     """A `Sampler` over a diffusers pipeline, exact to the pipeline's own sampling.
 
-    Stable Diffusion 1.x/2.x, SDXL (UNets) and PixArt-Σ (a DiT with a T5 encoder) are driven here, with the
-    pipeline's scheduler or another one (`scheduler="ddim"`, as the reference work samples PixArt-Σ); PixArt-Σ is
-    sampled at the size asked for, as `pipe(..., use_resolution_binning=False)`. A FLUX or SD3 pipeline gives a `FlowMatchSampler` (the same
-    entry point: `DiffusersSampler(pipe)` and `DiffusersSampler.from_pretrained(...)` choose by the pipeline's class)."""
+    One class drives every supported family (Stable Diffusion 1.x/2.x, SDXL, PixArt-Σ, SD3, FLUX): what differs
+    between them is the family's `PipelineAdapter` (`noiseopt.models`), chosen once from the pipeline's class. UNet
+    and PixArt-Σ models sample with the pipeline's scheduler or another one (`scheduler="ddim"`, as the reference work
+    samples PixArt-Σ); FLUX and SD3 with their flow-matching Euler scheduler. PixArt-Σ is sampled at the size asked
+    for, as `pipe(..., use_resolution_binning=False)`. `num_steps` defaults to the family's (30; 28 for FLUX and SD3)."""
 
-    def __new__(cls, pipe=None, *args, **kwargs):
-        if cls is DiffusersSampler and type(pipe).__name__ in _FLOW_PIPELINES:
-            cls = FlowMatchSampler
-        return super().__new__(cls)
-
-    def __init__(self, pipe, num_steps: int = 30, guidance_scale: float | None = None, height: int | None = None,
+    def __init__(self, pipe, num_steps: int | None = None, guidance_scale: float | None = None, height: int | None = None,
                  width: int | None = None, negative_prompt: str | None = None, batch_size: int = 8,
                  scheduler: str | Any | None = None, guidance_rescale: float = 0.0, max_sequence_length: int | None = None,
                  clean_caption: bool | None = None):
-        kind = _PIPELINES.get(type(pipe).__name__)
-        if kind is None or kind in ("flux", "sd3"):
-            raise UnsupportedModelError(
-                f"{type(pipe).__name__} is not supported: DiffusersSampler drives {', '.join(_PIPELINES)}")
-        num_steps, batch_size = whole_number(num_steps, "num_steps"), whole_number(batch_size, "batch_size")
-        if kind != "pixart" and (max_sequence_length is not None or clean_caption is not None):
-            raise ConfigError("max_sequence_length and clean_caption are options of T5-encoded models (PixArt-Σ, FLUX, SD3)")
-        self.pipe, self.kind = pipe, kind
-        self.unet, self.vae = getattr(pipe, "unet", None), getattr(pipe, "vae", None)
-        self.denoiser = self.unet if self.unet is not None else pipe.transformer
+        self.adapter = adapter = adapter_for(pipe)
+        num_steps = whole_number(adapter.default_steps if num_steps is None else num_steps, "num_steps")
+        self.batch_size = whole_number(batch_size, "batch_size")
+        adapter.configure(self, max_sequence_length, clean_caption, guidance_rescale)
+        self.pipe, self.family = pipe, adapter.family
+        self.unet, self.transformer = getattr(pipe, "unet", None), getattr(pipe, "transformer", None)
+        self.vae, self.denoiser = getattr(pipe, "vae", None), adapter.denoiser
         self.device, self.dtype = getattr(pipe, "_execution_device", pipe.device), self.denoiser.dtype
-        if kind == "pixart":
-            self.max_sequence_length = int(_call_default(pipe, "max_sequence_length", 300) if max_sequence_length is None
-                                           else max_sequence_length)
-            self.clean_caption = bool(_call_default(pipe, "clean_caption", True) if clean_caption is None else clean_caption)
-        self.batch_size = batch_size
-        self.guidance_scale = float(_call_default(pipe, "guidance_scale", 7.5) if guidance_scale is None else guidance_scale)
-        self.guidance_rescale = float(guidance_rescale)
+        self.guidance_scale = float(call_default(pipe, "guidance_scale", adapter.default_guidance) if guidance_scale is None
+                                    else guidance_scale)
         self.negative_prompt = negative_prompt
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
-        default_size = self.denoiser.config.sample_size * self.vae_scale_factor
-        self.height, self.width = height or default_size, width or default_size
+        self.vae_scale_factor = adapter.vae_scale_factor()
+        default, unit = adapter.default_size(self), adapter.size_unit(self)
+        self.height, self.width = height or default, width or default
         for name, v in (("height", self.height), ("width", self.width)):
-            if v % self.vae_scale_factor or v < self.vae_scale_factor:
-                raise ConfigError(f"{name}={v} must be a positive multiple of {self.vae_scale_factor} for this model")
-        if isinstance(scheduler, str):
-            scheduler = make_scheduler(scheduler, pipe.scheduler.config)
-        self.scheduler = copy.deepcopy(scheduler if scheduler is not None else pipe.scheduler)
+            if v % unit or v < unit:
+                raise ConfigError(f"{name}={v} must be a positive multiple of {unit} for this model")
+        self.scheduler = adapter.scheduler(self, scheduler)
         self._num_inference_steps = num_steps
-        self.scheduler.set_timesteps(num_steps, device=self.device)
+        adapter.set_timesteps(self)
         self.timesteps = self.scheduler.timesteps.clone()
         self.num_steps = len(self.timesteps)
-        self.init_noise_sigma = float(self.scheduler.init_noise_sigma)
-        self.restartable = type(self.scheduler).__name__ in RESTARTABLE
+        self.init_noise_sigma = adapter.init_noise_sigma(self)
+        self.restartable = adapter.restartable(self)
         self._stochastic = type(self.scheduler).__name__ in _STOCHASTIC
         self._step_kwargs = {k: v for k, v in (("eta", 0.0),) if k in inspect.signature(self.scheduler.step).parameters}
-        self.levels = self._state_levels() if self.restartable else None
+        self.levels = adapter.levels(self)
         self.nfe = 0
-        if self.vae is not None and self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
+        if adapter.upcast_vae and self.vae is not None and self.vae.dtype == torch.float16 and \
+                getattr(self.vae.config, "force_upcast", False):
             self.vae.to(torch.float32)  # the SDXL VAE overflows in float16, as the pipeline knows
 
     @classmethod
@@ -299,20 +229,24 @@ class DiffusersSampler:
                                  vae_tiling=vae_tiling, vae_slicing=vae_slicing), **kwargs)
 
     def _settings(self) -> dict:
-        extra = ({"max_sequence_length": self.max_sequence_length, "clean_caption": self.clean_caption}
-                 if self.kind == "pixart" else {})
         return dict(num_steps=self._num_inference_steps, guidance_scale=self.guidance_scale, height=self.height,
                     width=self.width, negative_prompt=self.negative_prompt, batch_size=self.batch_size,
-                    scheduler=self.scheduler, guidance_rescale=self.guidance_rescale, **extra)
+                    scheduler=self.scheduler, guidance_rescale=self.guidance_rescale, **self.adapter.settings(self))
 
     def replace(self, **changes) -> "DiffusersSampler":
         "Returns a sampler over the same pipeline with some settings changed (e.g. `num_steps=60`); it counts its own NFEs."
         settings = self._settings()
         unknown = sorted(set(changes) - set(settings))
         if unknown:
-            raise ConfigError(f"DiffusersSampler has no setting {', '.join(map(repr, unknown))}: "
+            raise ConfigError(f"{type(self).__name__} has no setting {', '.join(map(repr, unknown))}: "
                               f"its settings are {', '.join(settings)}")
         return type(self)(self.pipe, **{**settings, **changes})
+
+    def with_steps(self, num_steps: int) -> "DiffusersSampler":
+        """Returns this sampler with a schedule of `num_steps` steps that starts no lower than its own (the more-steps
+        baseline's longer schedule): a leading-spacing schedule that would start lower is made trailing. A step count
+        the scheduler refuses (DDIM: more than the model's training timesteps) raises its `ValueError`."""
+        return self.replace(**self.adapter.with_steps(self, num_steps))
 
     def __repr__(self) -> str:
         return (f"DiffusersSampler({type(self.pipe).__name__}, scheduler={type(self.scheduler).__name__}, "
@@ -322,27 +256,23 @@ class DiffusersSampler:
     # --- shapes and noise ---------------------------------------------------------------------------
     @property
     def guidance(self) -> bool:
-        "Whether classifier-free guidance is on (`guidance_scale > 1`, as in the pipelines)."
-        return self.guidance_scale > 1
+        "Whether classifier-free guidance runs (`guidance_scale > 1` where the family uses it; FLUX embeds it instead)."
+        return self.adapter.uses_guidance(self)
 
     @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        "The shape of one state: channels x height x width in latent space."
-        f = self.vae_scale_factor
-        return (self.denoiser.config.in_channels, self.height // f, self.width // f)
+    def latent_shape(self) -> tuple[int, ...]:
+        "The shape of one state (channels x height x width in latent space; tokens x channels for FLUX)."
+        return self.adapter.latent_shape(self)
 
     def noise(self, seeds: Sequence[int]) -> torch.Tensor:
         "Returns the initial noises (state 0) for `seeds`, drawn on the CPU, on the sampler's device and dtype."
-        return noise_from_seeds(seeds, self.latent_shape, device=self.device, dtype=self.dtype)
+        return self.adapter.noise(self, seeds)
 
     # --- conditioning -------------------------------------------------------------------------------
     @torch.no_grad()
     def condition(self, prompt: str) -> Conditioning:
         "Returns the text conditioning of `prompt` (and of the negative prompt when guidance is on)."
-        extra = ({"max_sequence_length": self.max_sequence_length, "clean_caption": self.clean_caption}
-                 if self.kind == "pixart" else {})
-        return encode_prompt(self.pipe, check_prompt(prompt), self.guidance, self.negative_prompt, (self.height, self.width),
-                             **extra)
+        return self.adapter.encode(self, check_prompt(prompt))
 
     # --- the step loop ------------------------------------------------------------------------------
     def _check_steps(self, *steps: int) -> None:
@@ -357,29 +287,13 @@ class DiffusersSampler:
                 f"use scheduler='ddim', 'euler' or 'euler_a' for path search and partial denoising")
 
     def _reset_schedule(self, start: int) -> None:
-        self.scheduler.set_timesteps(self._num_inference_steps, device=self.device)
+        self.adapter.set_timesteps(self)
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(start)
 
     def _model_output(self, x: torch.Tensor, cond: Conditioning, t: torch.Tensor) -> torch.Tensor:
         "Returns the guided denoiser output for a batch of scheduler states at timestep `t` (counted in `nfe`)."
-        model_in = torch.cat([x, x]) if self.guidance else x
-        model_in = self.scheduler.scale_model_input(model_in, t)
-        if self.kind == "pixart":
-            kw = cond.unet_kwargs(x.shape[0], self.guidance)
-            out = self.denoiser(model_in, encoder_hidden_states=kw["encoder_hidden_states"],
-                                encoder_attention_mask=kw["added_cond_kwargs"]["mask"], timestep=t.expand(model_in.shape[0]),
-                                added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
-        else:
-            out = self.unet(model_in, t, return_dict=False, **cond.unet_kwargs(x.shape[0], self.guidance))[0]
-        if self.guidance:
-            uncond, text = out.chunk(2)
-            out = uncond + self.guidance_scale * (text - uncond)
-        if self.kind == "pixart" and self.denoiser.config.out_channels // 2 == self.denoiser.config.in_channels:
-            out = out.chunk(2, dim=1)[0]  # a learned variance: the first half is the noise prediction
-            if self.guidance_rescale > 0:
-                from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
-                out = rescale_noise_cfg(out, text, guidance_rescale=self.guidance_rescale)
+        out = self.adapter.model_output(self, x, cond, t)
         self.nfe += x.shape[0]
         return out
 
@@ -430,23 +344,15 @@ class DiffusersSampler:
 
     @torch.no_grad()
     def predict_x0(self, x: torch.Tensor, cond: Conditioning, step: int, seeds: Sequence[int] | None = None) -> torch.Tensor:
-        "Returns the scheduler's clean-latent estimate for states `x` at `step` (one NFE per sample; `seeds` unused)."
+        "Returns the clean-latent estimate for states `x` at `step` (one NFE per sample; `seeds` unused)."
         self._require_restartable("predict the clean latent in the middle of its schedule")
         self._check_steps(step)
         if step == self.num_steps:
             return x.clone()
-        outs = []
-        for chunk in x.to(self.device, self.dtype).split(self.batch_size):
-            self._reset_schedule(step)
-            s = chunk * self.init_noise_sigma if step == 0 else chunk
-            t = self.timesteps[step]
-            outs.append(self._step(self._model_output(s, cond, t), t, s, step, None).pred_original_sample)
-        return torch.cat(outs)
+        return torch.cat([self.adapter.predict_x0(self, chunk, cond, step)
+                          for chunk in x.to(self.device, self.dtype).split(self.batch_size)])
 
     # --- the forward process (see `state_levels` and `renoise_states`) ----------------------------------
-    def _state_levels(self) -> torch.Tensor:
-        return state_levels(self.scheduler, self.timesteps, self.init_noise_sigma)
-
     @torch.no_grad()
     def renoise(self, x: torch.Tensor, from_step: int, to_step: int,
                 generators: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
@@ -459,29 +365,9 @@ class DiffusersSampler:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         "Returns float images `N x 3 x H x W` in `[0, 1]` for clean latents, decoded as the pipeline decodes."
-        return decode_latents(self.pipe, latents, self.batch_size, self.device)
+        return self.adapter.decode(self, latents)
 
 # %% ../nbs/01_samplers.ipynb #5b1e0b04
-def state_levels(scheduler, timesteps: torch.Tensor, init_noise_sigma: float = 1.0) -> torch.Tensor:
-    """Returns `(K+1) x 2` float64 levels `(a_k, s_k)` of a DDIM or Euler schedule: state `k` is `a_k x0 + s_k eps`.
-
-    State 0 is stored divided by `init_noise_sigma`, as pipelines take it."""
-    sch, K = scheduler, len(timesteps)
-    if type(sch).__name__ == "DDIMScheduler":
-        abar = sch.alphas_cumprod.double()
-        stride = sch.config.num_train_timesteps // sch.num_inference_steps
-        final = torch.as_tensor(sch.final_alpha_cumprod, dtype=torch.float64)
-        # state k > 0 sits where step k-1 aimed: the scheduler's previous timestep, not timesteps[k]
-        targets = [int(timesteps[0])] + [int(t) - stride for t in timesteps]
-        ab = torch.stack([abar[t] if t >= 0 else final for t in targets])
-        levels = torch.stack([ab.sqrt(), (1 - ab).sqrt()], dim=1)
-    else:
-        sigmas = sch.sigmas.double()[: K + 1]
-        levels = torch.stack([torch.ones_like(sigmas), sigmas], dim=1)
-    levels[0] /= init_noise_sigma
-    return levels
-
-
 def renoise_states(x: torch.Tensor, levels: torch.Tensor, from_step: int, to_step: int,
                    generators: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
     "Returns states at `to_step` drawn from the forward process given states `x` at the later `from_step` (`levels` as above)."
@@ -493,186 +379,16 @@ def renoise_states(x: torch.Tensor, levels: torch.Tensor, from_step: int, to_ste
     eps = randn(x.shape, generators, device=x.device, dtype=torch.float32)
     return (ratio * x.float() + std * eps).to(x.dtype)
 
-# %% ../nbs/01_samplers.ipynb #5b1e0b06
-@torch.no_grad()
-def decode_latents(pipe, latents: torch.Tensor, batch_size: int = 8, device: torch.device | None = None) -> torch.Tensor:
-    "Returns float images `N x 3 x H x W` in `[0, 1]` for clean latents, decoded by `pipe`'s VAE (pixel space without one)."
-    vae = getattr(pipe, "vae", None)
-    if vae is None:
-        return (latents.float() / 2 + 0.5).clamp(0, 1)
-    cfg = vae.config
-    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-    images = []
-    for chunk in latents.split(batch_size):
-        chunk = chunk.to(device or vae.device, vae.dtype)
-        if mean is not None and std is not None:
-            shape = (1, -1, 1, 1)
-            m = torch.tensor(mean).view(shape).to(chunk)
-            sd = torch.tensor(std).view(shape).to(chunk)
-            chunk = chunk * sd / cfg.scaling_factor + m
-        else:
-            chunk = chunk / cfg.scaling_factor
-            if getattr(cfg, "shift_factor", None):
-                chunk = chunk + cfg.shift_factor
-        image = vae.decode(chunk, return_dict=False)[0]
-        images.append(pipe.image_processor.postprocess(image, output_type="pt").float())
-    return torch.cat(images)
-
 # %% ../nbs/01_samplers.ipynb #5b1e0c02
-def _flow_shift(pipe, image_seq_len: int) -> float:
-    "Returns `mu`, the pipeline's resolution-dependent shift of the sigmas for `image_seq_len` image tokens."
-    cfg = pipe.scheduler.config
-    m = (cfg.get("max_shift", 1.15) - cfg.get("base_shift", 0.5)) / (cfg.get("max_image_seq_len", 4096)
-                                                                     - cfg.get("base_image_seq_len", 256))
-    return image_seq_len * m + cfg.get("base_shift", 0.5) - m * cfg.get("base_image_seq_len", 256)
-
-
 class FlowMatchSampler(DiffusersSampler):
-    "A `Sampler` over a FLUX or SD3 pipeline (rectified flow, Euler), exact to the pipeline's own sampling."
+    """The old name of `DiffusersSampler` over a FLUX or SD3 pipeline: `DiffusersSampler` drives them itself now
+    (`noiseopt.models.flux`, `noiseopt.models.sd3`); this name refuses a pipeline of another family."""
 
-    def __init__(self, pipe, num_steps: int = 28, guidance_scale: float | None = None, height: int | None = None,
-                 width: int | None = None, negative_prompt: str | None = None, batch_size: int = 8,
-                 scheduler: str | Any | None = None, guidance_rescale: float = 0.0, max_sequence_length: int | None = None,
-                 clean_caption: bool | None = None):
-        import numpy as np
-
-        self.kind = _PIPELINES[type(pipe).__name__]
-        num_steps, batch_size = whole_number(num_steps, "num_steps"), whole_number(batch_size, "batch_size")
-        if scheduler is not None and not (isinstance(scheduler, str) and scheduler.strip().lower() == "flow_euler") and \
-                type(scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
-            raise SchedulerError(f"{type(pipe).__name__} samples with its flow-matching Euler scheduler; "
-                                 f"leave scheduler unset (got {scheduler!r})")
-        if guidance_rescale or clean_caption is not None:
-            raise ConfigError("guidance_rescale and clean_caption are not options of FLUX or SD3")
-        self.pipe, self.transformer, self.vae = pipe, pipe.transformer, pipe.vae
-        self.unet = None
-        self.device, self.dtype = getattr(pipe, "_execution_device", pipe.device), pipe.transformer.dtype
-        self.batch_size, self.negative_prompt, self.guidance_rescale = batch_size, negative_prompt, 0.0
-        self.guidance_scale = float(_call_default(pipe, "guidance_scale", 3.5) if guidance_scale is None else guidance_scale)
-        self.max_sequence_length = int(_call_default(pipe, "max_sequence_length", 256) if max_sequence_length is None
-                                       else max_sequence_length)
-        self.vae_scale_factor = pipe.vae_scale_factor
-        default = pipe.default_sample_size * self.vae_scale_factor
-        self.height, self.width = height or default, width or default
-        unit = self.vae_scale_factor * (2 if self.kind == "flux" else self.transformer.config.patch_size)
-        for name, v in (("height", self.height), ("width", self.width)):
-            if v % unit or v < unit:
-                raise ConfigError(f"{name}={v} must be a positive multiple of {unit} for this model")
-        self.scheduler = copy.deepcopy(pipe.scheduler)
-        self._num_inference_steps = num_steps
-        h, w = self.height // self.vae_scale_factor, self.width // self.vae_scale_factor
-        if self.kind == "flux":
-            self._timestep_kwargs = {"sigmas": np.linspace(1.0, 1 / num_steps, num_steps),
-                                     "mu": _flow_shift(pipe, (h // 2) * (w // 2))}
-        else:
-            p = self.transformer.config.patch_size
-            dynamic = self.scheduler.config.get("use_dynamic_shifting", False)
-            self._timestep_kwargs = {"mu": _flow_shift(pipe, (h // p) * (w // p))} if dynamic else {}
-        self._set_timesteps()
-        self.timesteps = self.scheduler.timesteps.clone()
-        self.num_steps = len(self.timesteps)
-        self.init_noise_sigma = 1.0
-        self.restartable = not self.scheduler.config.get("stochastic_sampling", False)
-        self._stochastic, self._step_kwargs = False, {}
-        sigmas = self.scheduler.sigmas.double()[: self.num_steps + 1].cpu()
-        self.levels = torch.stack([1 - sigmas, sigmas], dim=1)
-        self.nfe = 0
-        if self.kind == "flux":
-            self._img_ids = pipe._prepare_latent_image_ids(1, h // 2, w // 2, self.device, self.dtype)
-
-    def _set_timesteps(self) -> None:
-        self.scheduler.set_timesteps(self._num_inference_steps, device=self.device, **self._timestep_kwargs)
-
-    def _reset_schedule(self, start: int) -> None:
-        self._set_timesteps()
-        self.scheduler.set_begin_index(start)
-
-    def _settings(self) -> dict:
-        return {**super()._settings(), "max_sequence_length": self.max_sequence_length, "scheduler": None}
-
-    @property
-    def guidance(self) -> bool:
-        "Whether classifier-free guidance runs (SD3 with `guidance_scale > 1`; FLUX embeds its guidance instead)."
-        return self.kind == "sd3" and self.guidance_scale > 1
-
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        "The shape of one state: tokens x channels for FLUX (packed), channels x height x width for SD3."
-        h, w = self.height // self.vae_scale_factor, self.width // self.vae_scale_factor
-        c = self.transformer.config.in_channels
-        return ((h // 2) * (w // 2), c) if self.kind == "flux" else (c, h, w)
-
-    def noise(self, seeds: Sequence[int]) -> torch.Tensor:
-        "Returns the initial noises for `seeds` (drawn on the CPU in the VAE's latent layout; packed for FLUX)."
-        h, w = self.height // self.vae_scale_factor, self.width // self.vae_scale_factor
-        if self.kind != "flux":
-            return noise_from_seeds(seeds, self.latent_shape, device=self.device, dtype=self.dtype)
-        c = self.transformer.config.in_channels // 4
-        x = noise_from_seeds(seeds, (c, h, w), device=self.device, dtype=self.dtype)
-        return self.pipe._pack_latents(x, len(x), c, h, w)
-
-    @torch.no_grad()
-    def condition(self, prompt: str) -> Conditioning:
-        "Returns the text conditioning of `prompt` by the pipeline's text encoders (and the negative one for SD3's guidance)."
-        prompt, pipe = check_prompt(prompt), self.pipe
-        if self.kind == "flux":
-            embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=self.device,
-                                                          num_images_per_prompt=1,
-                                                          max_sequence_length=self.max_sequence_length)
-            return Conditioning(prompt, embeds, None, {"pooled": pooled, "txt_ids": text_ids})
-        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
-            prompt=prompt, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
-            do_classifier_free_guidance=self.guidance, negative_prompt=self.negative_prompt,
-            max_sequence_length=self.max_sequence_length)
-        return Conditioning(prompt, embeds, neg, {"pooled": pooled}, {"pooled": neg_pooled} if self.guidance else {})
-
-    def _model_output(self, x: torch.Tensor, cond: Conditioning, t: torch.Tensor) -> torch.Tensor:
-        "Returns the (guided) velocity for a batch of states at timestep `t` (counted in `nfe`)."
-        n = x.shape[0]
-        if self.kind == "flux":
-            guidance = (torch.full([1], self.guidance_scale, device=self.device, dtype=torch.float32).expand(n)
-                        if self.transformer.config.guidance_embeds else None)
-            out = self.transformer(hidden_states=x, timestep=t.expand(n).to(x.dtype) / 1000, guidance=guidance,
-                                   pooled_projections=cond.added["pooled"].repeat(n, 1),
-                                   encoder_hidden_states=cond.embeds.repeat(n, 1, 1), txt_ids=cond.added["txt_ids"],
-                                   img_ids=self._img_ids, return_dict=False)[0]
-        else:
-            kw = cond.unet_kwargs(n, self.guidance)  # negatives first, as the pipeline concatenates them
-            pooled = cond.added["pooled"].repeat(n, 1)
-            if self.guidance:
-                pooled = torch.cat([cond.neg_added["pooled"].repeat(n, 1), pooled])
-            model_in = torch.cat([x, x]) if self.guidance else x
-            out = self.transformer(hidden_states=model_in, timestep=t.expand(model_in.shape[0]),
-                                   encoder_hidden_states=kw["encoder_hidden_states"], pooled_projections=pooled,
-                                   return_dict=False)[0]
-            if self.guidance:
-                uncond, text = out.chunk(2)
-                out = uncond + self.guidance_scale * (text - uncond)
-        self.nfe += n
-        return out
-
-    @torch.no_grad()
-    def predict_x0(self, x: torch.Tensor, cond: Conditioning, step: int, seeds: Sequence[int] | None = None) -> torch.Tensor:
-        "Returns the clean-latent estimate `x - sigma_k v` for states `x` at `step` (one NFE per sample)."
-        self._check_steps(step)
-        if step == self.num_steps:
-            return x.clone()
-        sigma = float(self.levels[step, 1])
-        outs = []
-        for chunk in x.to(self.device, self.dtype).split(self.batch_size):
-            v = self._model_output(chunk, cond, self.timesteps[step])
-            outs.append((chunk.float() - sigma * v.float()).to(chunk.dtype))
-        return torch.cat(outs)
-
-    def _state_levels(self) -> torch.Tensor:
-        return self.levels
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        "Returns float images `N x 3 x H x W` in `[0, 1]` for clean latents (unpacked first for FLUX)."
-        if self.kind == "flux":
-            latents = self.pipe._unpack_latents(latents, self.height, self.width, self.vae_scale_factor)
-        return decode_latents(self.pipe, latents, self.batch_size, self.device)
+    def __init__(self, pipe, num_steps: int | None = None, **kwargs):
+        if not isinstance(adapter_for(pipe), FlowAdapter):
+            raise UnsupportedModelError(f"FlowMatchSampler drives FLUX and SD3 pipelines, not {type(pipe).__name__}: "
+                                        "use DiffusersSampler")
+        super().__init__(pipe, num_steps, **kwargs)
 
 # %% ../nbs/01_samplers.ipynb #5b1e0a02
 @dataclass

@@ -9,6 +9,7 @@ import torch
 
 import noiseopt
 from noiseopt.core import generators_from_seeds
+from noiseopt.models.core import FlowAdapter
 from noiseopt.samplers import DiffusersSampler, FlowMatchSampler
 from noiseopt.testing import tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline
 
@@ -42,7 +43,8 @@ def sampler_for(folders, name, **kw):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_parity_with_the_pipeline(folders, name):
     s = sampler_for(folders, name)
-    assert isinstance(s, FlowMatchSampler) == name.startswith(("flux", "sd3"))
+    assert isinstance(s.adapter, FlowAdapter) == name.startswith(("flux", "sd3"))  # one class, the family's adapter
+    assert type(s) is DiffusersSampler and s.family == {"flux-dev": "flux", "flux-schnell": "flux"}.get(name, name.split("-")[0])
     x = s.noise([0, 1, 2])
     cond = s.condition("a red circle on the left")
     s.nfe = 0
@@ -103,7 +105,7 @@ def test_searches_run_within_budget(folders, name, algo):
 def test_replace_keeps_the_family_and_its_options(folders):
     s = sampler_for(folders, "flux-dev")
     long = s.replace(num_steps=9)
-    assert isinstance(long, FlowMatchSampler) and long.num_steps == 9 and long.max_sequence_length == MSL
+    assert isinstance(long.adapter, FlowAdapter) and long.num_steps == 9 and long.max_sequence_length == MSL
     assert long.levels[0, 1] == pytest.approx(1.0) and long.levels[-1, 1] == 0
     with pytest.raises(noiseopt.errors.SchedulerError):
         DiffusersSampler(s.pipe, scheduler="ddim")
@@ -137,3 +139,13 @@ def test_bench_gpu_runs_its_code_on_tiny_pipelines(tmp_path):
     report = json.loads((tmp_path / "gpu.json").read_text())
     assert set(report["models"]) == {"sdxl", "flux-dev"} and "| sdxl |" in done.stdout
     assert all(r["ratio"] > 0.3 for r in report["models"].values())
+
+
+def test_the_old_flow_sampler_name_still_drives_flux_and_refuses_other_families():
+    from noiseopt.errors import UnsupportedModelError
+    from noiseopt.testing import tiny_sd_pipeline
+
+    s = FlowMatchSampler(tiny_flux_pipeline(guidance_embeds=True), num_steps=3, height=H, width=W)
+    assert s.num_steps == 3 and s.family == "flux" and isinstance(s, DiffusersSampler)
+    with pytest.raises(UnsupportedModelError, match="use DiffusersSampler"):
+        FlowMatchSampler(tiny_sd_pipeline())

@@ -23,19 +23,14 @@ class SeedState:
 
 
 def more_steps(sampler, num_steps: int):
-    """Returns `sampler` with `num_steps` denoising steps, its schedule starting no lower than `sampler`'s own: a
-    leading-spacing schedule that would start lower (`T // num_steps` too coarse to reach the top) or past its end is
-    made trailing. A step count the scheduler refuses (DDIM: more than the model's training timesteps) is a
-    `BudgetError`."""
-    scheduler = getattr(sampler, "scheduler", None)
-    config, short_t = getattr(scheduler, "config", {}), getattr(sampler, "timesteps", None)
-    train_steps, changes = config.get("num_train_timesteps"), {"num_steps": num_steps}
-    if short_t is not None and train_steps and config.get("timestep_spacing") == "leading":
-        first = train_steps // num_steps * (num_steps - 1) + config.get("steps_offset", 0)  # the leading grid's top
-        if first < float(short_t[0]) or first >= train_steps:
-            changes["scheduler"] = type(scheduler).from_config(config, timestep_spacing="trailing")
+    """Returns `sampler` with `num_steps` denoising steps, as the sampler itself makes a longer schedule
+    (`with_steps`: a `DiffusersSampler` keeps its schedule's start, making a leading-spacing schedule trailing where
+    it would start lower), else `replace(num_steps=...)`. A step count the scheduler refuses (DDIM: more than the
+    model's training timesteps) is a `BudgetError`."""
     try:
-        return sampler.replace(**changes)
+        if callable(getattr(sampler, "with_steps", None)):
+            return sampler.with_steps(num_steps)
+        return sampler.replace(num_steps=num_steps)
     except NoiseoptError:
         raise
     except ValueError as e:  # the scheduler's own refusal
