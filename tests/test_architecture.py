@@ -415,3 +415,31 @@ def test_markdown_renders_as_prose_not_as_headings():
 def test_the_markdown_check_catches_a_body_written_as_comments():
     assert heading_lines("## The loop\n#\n# Each round samples", first_cell=False) == ["#", "# Each round samples"]
     assert heading_lines("# search\n\n> summary\n\n```\n# a comment in code\n```", first_cell=True) == []
+
+
+DIRECTIVES_WITHOUT_OUTPUT = ("export", "exporti", "default_exp", "hide", "gpu", "slow", "net", "eval:")
+
+
+def examples_without_output(notebook: dict) -> list[str]:
+    "Returns the first line of each example cell (not exported, hidden or skipped by the tests) that shows no output."
+    out = []
+    for cell in notebook["cells"]:
+        source = "".join(cell["source"])
+        directives = [line.split()[1] for line in source.splitlines() if line.startswith("#|") and len(line.split()) > 1]
+        if cell["cell_type"] == "code" and not any(d in DIRECTIVES_WITHOUT_OUTPUT for d in directives) and not cell.get("outputs"):
+            out.append(source.strip().splitlines()[0] if source.strip() else "(empty)")
+    return out
+
+
+def test_every_example_shows_its_output():
+    bare = {str(p.relative_to(ROOT)): examples_without_output(json.loads(p.read_text()))
+            for p in sorted((ROOT / "nbs").rglob("*.ipynb"))}
+    assert not {k: v for k, v in bare.items() if v}, "run .ci/execute_notebook.py on these notebooks: " + repr(bare)
+
+
+def test_the_output_check_catches_a_bare_example():
+    nb = {"cells": [{"cell_type": "code", "source": ["#| export\n", "x = 1"], "outputs": []},
+                    {"cell_type": "code", "source": ["assert x == 1"], "outputs": []},
+                    {"cell_type": "code", "source": ["#| gpu\n", "run()"], "outputs": []},
+                    {"cell_type": "code", "source": ["x"], "outputs": [{"output_type": "execute_result"}]}]}
+    assert examples_without_output(nb) == ["assert x == 1"]
