@@ -230,7 +230,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"wrote {out}/: best.png baseline.png grid.png trajectory.png compare.png result.json")
     return 0
 
-
+# %% ../nbs/90_cli.ipynb #f9b97d45
 def _add_search(sub) -> None:
     p = sub.add_parser("search", help="search for a prompt's best initial noise (the main job)",
                        description="Search for the initial noise whose image the verifiers like best, within a budget of "

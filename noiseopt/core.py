@@ -220,7 +220,7 @@ def is_final(candidate: Candidate, num_steps: int) -> bool:
     "Returns whether `candidate` was scored at the end of its schedule (on its image, not on a `predict_x0`)."
     return candidate.step == candidate.info.get("num_steps", num_steps)
 
-
+# %% ../nbs/00_core.ipynb #61073350
 @dataclass
 class SearchResult:
     "Everything a search did: its settings, every candidate, the NFEs spent, and which candidates are best and baseline."

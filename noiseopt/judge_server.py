@@ -72,7 +72,7 @@ def _image_and_prompt(body: dict):
                     prompt = m.group(1)
     return image, prompt
 
-
+# %% ../nbs/03b_judge_server.ipynb #99b2157f
 class FakeJudgeServer:
     """An OpenAI-compatible `/v1/chat/completions` on 127.0.0.1 that judges images and injects faults.
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -13,13 +14,20 @@ from typing import Any, Callable
 from .errors import ConfigError, UnknownNameError, shorten
 
 # %% auto #0
-__all__ = ['MODELS', 'VERIFIERS', 'SEARCHES', 'parse_value', 'parse_spec', 'split_specs', 'factory_options', 'check_options',
-           'Registry', 'register_model', 'register_verifier', 'register_search', 'list_models', 'list_verifiers',
-           'list_searches']
+__all__ = ['MODELS', 'VERIFIERS', 'SEARCHES', 'parse_value', 'split_outside_quotes', 'value_text', 'spec_text', 'parse_spec',
+           'split_specs', 'factory_options', 'check_options', 'Registry', 'register_model', 'register_verifier',
+           'register_search', 'list_models', 'list_verifiers', 'list_searches']
 
 # %% ../nbs/00c_registry.ipynb #f1a2b3c4
 def parse_value(text: str) -> Any:
-    "Returns an option's value from its text: `None`, a bool, an int or a float when it reads as one, else the text."
+    """Returns an option's value from its text: `None`, a bool, an int or a float when it reads as one, else the text.
+
+    A value in double quotes is a string as written (JSON's escapes): `"Rate 0-100, be strict"`, `"true"`."""
+    if len(text.strip()) >= 2 and text.strip()[0] == text.strip()[-1] == '"':
+        try:
+            return json.loads(text.strip())
+        except ValueError:
+            raise ConfigError(f"the quoted value {shorten(text)!r} is not a well-formed string") from None
     low = text.strip().lower()
     if low in ("none", "null"):
         return None
@@ -33,13 +41,46 @@ def parse_value(text: str) -> Any:
     return text.strip()
 
 
+def split_outside_quotes(text: str, sep: str = ",") -> list[str]:
+    "Returns `text` split at each `sep` that is not inside double quotes (a backslash escapes the next character there)."
+    parts, cur, quoted, escaped = [], [], False, False
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif quoted and ch == "\\":
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == sep and not quoted:
+            parts.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    if quoted:
+        raise ConfigError(f"a quote is not closed in {shorten(text)!r}")
+    parts.append("".join(cur))
+    return parts
+
+
+def value_text(value: Any) -> str:
+    "Returns the text of an option's value that `parse_value` reads back as the same value (strings quoted where needed)."
+    if isinstance(value, str) and (parse_value(value) != value or any(c in value for c in ',:="\\')):
+        return json.dumps(value)
+    return str(value)
+
+
+def spec_text(name: str, options: dict[str, Any]) -> str:
+    "Returns the canonical text of a name with options, `parse_spec`'s inverse: `'zo:lam=0.9,neighbors=8'` (options sorted)."
+    return name + (":" + ",".join(f"{k}={value_text(options[k])}" for k in sorted(options)) if options else "")
+
+
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     "Returns `(name, options)` from `'name'` or `'name:key=value,key=value'`."
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(f"expected a name such as 'clip' or 'zo:lam=0.9', got {spec!r}")
     name, _, opts = spec.strip().partition(":")
     options = {}
-    for item in filter(None, (o.strip() for o in opts.split(","))):
+    for item in filter(None, (o.strip() for o in split_outside_quotes(opts))):
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise ConfigError(f"option {item!r} of {shorten(spec)!r} is not key=value")
@@ -52,7 +93,7 @@ def split_specs(text: str) -> list[str]:
 
     An item with `=` and no `:` is one more option of the spec before it."""
     specs: list[str] = []
-    for item in (i.strip() for i in text.split(",")):
+    for item in (i.strip() for i in split_outside_quotes(text)):
         if not item:
             continue
         if "=" in item and ":" not in item.split("=")[0] and specs:

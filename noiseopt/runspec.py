@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 from .core import SearchResult
 from .ensemble import Ensemble
 from .errors import ConfigError, whole_number
-from .registry import SEARCHES, check_options, factory_options, parse_spec
+from .registry import SEARCHES, check_options, factory_options, parse_spec, spec_text
 from .samplers import check_prompt
 from .searches.core import CheckpointStore, another_run, make_search
 
@@ -29,11 +29,6 @@ __all__ = ['HOW_OPTIONS', 'SECRET_OPTIONS', 'RunSpec', 'verifier_loaders', 'load
 HOW_OPTIONS = ("batch_size", "device", "concurrency", "cache_dir", "timeout", "max_retries", "backoff", "max_backoff")
 #: Options that are secrets: never recorded, never in a folder's name (the judge reads its key from the environment)
 SECRET_OPTIONS = ("api_key",)
-
-
-def _spec_text(name: str, options: dict) -> str:
-    "Returns the canonical text of a name with options: `'zo:lam=0.9,neighbors=8'` (options sorted)."
-    return name + (":" + ",".join(f"{k}={options[k]}" for k in sorted(options)) if options else "")
 
 
 def _describe(obj) -> str:
@@ -53,7 +48,7 @@ def _is_pipeline(obj) -> bool:
 def _whole(value, what: str, minimum: int = 0):
     return None if value is None else whole_number(value, what, minimum)
 
-
+# %% ../nbs/06_runspec.ipynb #c9f74a44
 @dataclass(frozen=True)
 class RunSpec:
     """Everything that defines one search run, typed and frozen: what it searches for, with what, and how far.
@@ -174,10 +169,10 @@ class RunSpec:
             how_opts = {k: opts.pop(k) for k in HOW_OPTIONS if k in opts}
             if how_opts:
                 verifier_how.append((name, tuple(sorted(how_opts.items()))))
-            canon.append(_spec_text(name, opts))
+            canon.append(spec_text(name, opts))
         if isinstance(algo, str):
             name, opts = SEARCHES.check(algo, **search_options)[:2]
-            algo = _spec_text(name, opts)
+            algo = spec_text(name, opts)
         elif isinstance(algo, type):
             check_options("search", getattr(algo, "algo", algo.__name__), algo, search_options, SEARCHES.skip)
             if search_options:
@@ -312,7 +307,6 @@ class RunSpec:
         budget = self.budget if self.budget is not None else 8 * sampler.num_steps
         return search.run(self.prompt, budget, seed=self.seed, out=out, progress=progress, callback=callback,
                           checker=entry.check if entry is not None else None, spec=self)
-
 
 # %% ../nbs/06_runspec.ipynb #934e13e4
 def verifier_loaders(entry, verifiers: Sequence, options: dict[str, dict] | None = None, device=None) -> list[Callable[[], Any]]:

@@ -174,7 +174,7 @@ def _content_seed(x: torch.Tensor) -> int:
     "Returns a seed derived from the bytes of one state."
     return int.from_bytes(hashlib.blake2b(x.detach().float().cpu().numpy().tobytes(), digest_size=8).digest(), "little") >> 1
 
-
+# %% ../nbs/01_samplers.ipynb #a7bf787a
 class DiffusersSampler:
     """A `Sampler` over a diffusers pipeline, exact to the pipeline's own sampling.
 

@@ -286,7 +286,7 @@ def _classify(pixels: np.ndarray) -> str:
     iou = {s: (t & mask).sum() / max(1, (t | mask).sum()) for s, t in templates.items()}
     return max(SHAPES, key=lambda s: iou[s])
 
-
+# %% ../nbs/02_shapes.ipynb #e8bf5f43
 def _hsv(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     x = image.astype(np.float32) / 255
     hi, lo = x.max(-1), x.min(-1)

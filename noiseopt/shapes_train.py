@@ -401,7 +401,7 @@ def negative_render(spec: Spec, rng: np.random.Generator, kind: str | None = Non
             return canvas
     return render(perturb(spec, rng), rng)
 
-
+# %% ../nbs/04_shapes_train.ipynb #b86fec60
 def negative_caption(spec: Spec, rng: np.random.Generator) -> str:
     "Returns a caption false of `spec`'s scene: its objects exchanged (half the time, where that says something else), else one attribute changed."
     other = swapped(spec)
@@ -469,7 +469,7 @@ def train_clip(out: Path, steps: int, seed: int, deadline: float, log: _Log, bat
                 deadline)
     return _save_clip("clip", out, ema, clip, head, log)
 
-
+# %% ../nbs/04_shapes_train.ipynb #7d3a3b78
 def train_order(out: Path, steps: int, seed: int, deadline: float, log: _Log, batch_size: int = 64, lr: float = 1e-3,
                 order_weight: float = 20.0, quality_weight: float = 1.0) -> bool:
     """Teaches the CLIP in `out/clip` (and its head) word order; saves both back in place; returns whether it finished.
@@ -604,7 +604,7 @@ def sample_prompt(models, prompt: str, seeds: list[int]):
     prompts = [prompt] * len(seeds)
     return images, models.clip.score(images, prompts), models.aesthetic.score(images, prompts), [check(im, prompt) for im in images]
 
-
+# %% ../nbs/04_shapes_train.ipynb #3d4715da
 def evaluate(models=None, prompts=None, samples: int = 8, seed: int = 0, timing: bool = True, log=print,
              prompt_set: str = "shapes-eval") -> dict:
     "Returns the evaluation of the shapes models on `prompts` (default `SHAPES_EVAL`): pass rates, AUCs, timings."
@@ -665,7 +665,7 @@ def evaluate(models=None, prompts=None, samples: int = 8, seed: int = 0, timing:
     report["rows"] = rows
     return report
 
-
+# %% ../nbs/04_shapes_train.ipynb #31a88185
 def format_report(report: dict) -> str:
     "Returns the evaluation report as a markdown table and a few lines of figures."
     sampler = report.get("sampler", {})

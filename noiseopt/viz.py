@@ -170,7 +170,7 @@ def candidate_grid(result: SearchResult, top: int = 7, checker=None, ncols: int 
     return image_grid([c.image for c in cands], titles, [c.scores for c in cands], verdicts, ncols=ncols,
                       suptitle=f"{result.algo}: {result.prompt}")
 
-
+# %% ../nbs/07_viz.ipynb #9a251d75
 def compare(baseline, best=None, prompt: str | None = None, checker=None):
     """Returns a figure of the baseline and the best side by side, with each verifier's score and its change.
     Pass a `SearchResult` alone, or two candidates (and the prompt); `checker` adds the verdicts."""
@@ -266,7 +266,7 @@ def _png(image, scale: int = 4) -> bytes:
     pil.save(buf, format="PNG")
     return buf.getvalue()
 
-
+# %% ../nbs/07_viz.ipynb #e1c17e88
 class CandidateBrowser:
     """Pages through a search's candidates sorted by utility, by any verifier or by NFEs, showing each one's image,
     seeds, parent, step and scores, and saves the selected one's noise (safetensors) and image (PNG).

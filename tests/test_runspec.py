@@ -225,3 +225,17 @@ def test_a_model_entry_is_a_model_with_its_own_verifiers():
     assert res.settings["verifiers"] == ["clip", "aesthetic"] and res.spec["model"] == "<noiseopt.samplers.ModelEntry:name=shapes>"
     with pytest.raises(ConfigError, match="carries its own sampler settings"):
         noiseopt.search_noise(PROMPT, model=model_entry("shapes"), steps=10)
+
+
+def test_option_values_with_commas_and_quotes_survive_the_spec():
+    pytest.importorskip("openai")
+    rubric = 'Rate 0-100, be strict: say "why"'
+    s = spec(verifiers=["clip", "gpt"], verifier_options={"gpt": {"rubric": rubric, "mode": "yesno"}})
+    gpt = s.verifiers[1]
+    assert gpt.startswith("gpt:") and RunSpec.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+    from noiseopt.registry import parse_spec
+    from noiseopt.runspec import verifier_loaders
+
+    assert parse_spec(gpt)[1]["rubric"] == rubric
+    judge = verifier_loaders(s.entry(), s.verifiers)[1]()  # what build() makes: the judge with the rubric as given
+    assert judge.rubric == rubric and judge.mode == "yesno"

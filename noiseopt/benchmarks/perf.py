@@ -82,7 +82,7 @@ def _interleaved(arms: dict[str, Callable], reps: int) -> dict[str, float]:
                 times[a].append(time.perf_counter() - t)
     return {a: float(np.mean(ts)) for a, ts in times.items()}
 
-
+# %% ../../nbs/benchmarks/05_perf.ipynb #19128479
 def _unet_step_seconds(name: str, size: int, reps: int) -> float:
     "Returns the seconds of one denoiser evaluation for one image (its two guidance halves in one call) at real size."
     import torch
@@ -163,7 +163,7 @@ def perf(model: str = "shapes", prompt: str | None = None, candidates: int = 32,
                                      for v, s in speed["seconds_per_image"].items()}}
     return out
 
-
+# %% ../../nbs/benchmarks/05_perf.ipynb #336e5149
 def format_perf(report: dict) -> str:
     "Returns the perf report as markdown."
     o, r = report["overhead"], report["overhead_ratio"]

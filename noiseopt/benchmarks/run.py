@@ -103,7 +103,7 @@ def _check_config(folder: Path, config: dict) -> None:
     else:
         path.write_text(json.dumps(config, indent=1))
 
-
+# %% ../../nbs/benchmarks/02_run.ipynb #bc376115
 def benchmark(out: str | os.PathLike, model: str = "shapes", prompts: str | Sequence[str] = "shapes-eval",
               algos: Sequence[str] | None = None, budgets: Sequence[int] = (25, 50, 100, 200, 400, 800),
               verifiers: Sequence[str] | None = None, eval_verifiers: Sequence[str] = (), ensemble: str = "rank",

@@ -75,7 +75,7 @@ def _stat(rows: Sequence[dict], metric: dict, which: str) -> dict:
     values = [_value(r, metric, which) for r in rows]
     return rate_ci(values) if metric["kind"] == "checker" else mean_ci(values)
 
-
+# %% ../../nbs/benchmarks/01_tables.ipynb #cc37cf96
 def summarize(rows: Sequence[dict], title: str = "") -> dict:
     """Returns the benchmark's figures: for the baseline (one random noise) and each (algorithm, budget), the mean
     and 95% interval of every metric over prompts, with the NFEs spent."""
@@ -149,7 +149,7 @@ def format_table(summary: dict) -> str:
                          " | ".join(_cell(p[m["key"]], m["kind"]) for m in ms) + " |")
     return "\n".join(lines) + "\n"
 
-
+# %% ../../nbs/benchmarks/01_tables.ipynb #6c70b86a
 def table_csv(summary: dict) -> str:
     "Returns the table as CSV: one line per (budget, method), each metric's mean and 95% interval."
     import csv

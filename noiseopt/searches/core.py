@@ -436,7 +436,7 @@ class Search:
         res.wall_time = time.perf_counter() - run.t0
         return res
 
-
+# %% ../../nbs/searches/00_core.ipynb #81be344a
 def _verdict(v) -> dict:
     "Returns a checker's verdict as JSON-ready fields (`passed` first)."
     fields = {k: val for k, val in vars(v).items() if isinstance(val, (bool, int, float, str, type(None)))}

@@ -278,7 +278,7 @@ class HFCLIPEncoder:
         out = self.model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask)
         return F.normalize(_features(out).float(), dim=-1)
 
-
+# %% ../../nbs/verifiers/00_core.ipynb #1b9a57af
 class OpenCLIPEncoder:
     "An open_clip model with its tokenizer and preprocessing (`mode='crop'`, or HPSv2's `'pad'`)."
 

@@ -100,7 +100,7 @@ def imagereward_from_state_dict(state_dict: dict, vision_config: dict, text_conf
                                      f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     return ImageRewardModel(vision.eval(), text.eval(), mlp, mean, std).eval()
 
-
+# %% ../../nbs/verifiers/03_imagereward.ipynb #b1191a41
 def imagereward_tokenizer(path: str | Path = "bert-base-uncased"):
     "Returns BLIP's BERT tokenizer: `path`'s with `[DEC]` as bos token and `[ENC]` added."
     from transformers import AutoTokenizer
