@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .core import SearchResult
+from .core import SearchResult, get_dtype
 from .ensemble import Ensemble
 from .errors import ConfigError, whole_number
 from .registry import SEARCHES, check_options, factory_options, parse_spec, spec_text
@@ -32,12 +32,21 @@ SECRET_OPTIONS = ("api_key",)
 
 
 def _describe(obj) -> str:
-    "Returns how a spec records an object given in place of a name: its class and what it says of itself."
+    """Returns how a spec records an object given in place of a name: its class and what it says of itself (a
+    pipeline: where it was loaded from, its scheduler and dtype; else its `repr` where that is more than an address,
+    without the device, which is how a run goes, not what it finds)."""
+    import re
+
     cls = type(obj)
-    name = getattr(obj, "name", None)
-    steps = getattr(obj, "num_steps", None)
-    extra = f":name={name}" if isinstance(name, str) else f":num_steps={steps}" if isinstance(steps, int) else ""
-    return f"<{cls.__module__}.{cls.__qualname__}{extra}>"
+    if _is_pipeline(obj):
+        source = getattr(obj, "name_or_path", None) or dict(getattr(obj, "config", {})).get("_name_or_path")
+        detail = f"name_or_path={source},scheduler={type(obj.scheduler).__name__},dtype={obj.dtype}"
+    elif " at 0x" not in repr(obj):
+        detail = re.sub(r",? ?device=[^,)]*", "", repr(obj))
+    else:
+        name, steps = getattr(obj, "name", None), getattr(obj, "num_steps", None)
+        detail = f"name={name}" if isinstance(name, str) else f"num_steps={steps}" if isinstance(steps, int) else ""
+    return f"<{cls.__module__}.{cls.__qualname__}" + (f":{detail}" if detail else "") + ">"
 
 
 def _is_pipeline(obj) -> bool:
@@ -103,8 +112,9 @@ class RunSpec:
                   **search_options) -> "RunSpec":
         """Returns the spec of `search_noise`'s arguments, every name and option checked and nothing loaded.
 
-        Defaults are made explicit where they can be known without loading: a registered model's steps, guidance
-        and verifiers, the budget (8 samples' worth). `model_options` may hold the how-options `offload`,
+        Defaults are made explicit where they can be known without loading: a registered model's steps, guidance,
+        scheduler and dtype (`"auto"` as the device makes it: float16 on a GPU, float32 on the CPU), its
+        verifiers, the budget (8 samples' worth). `model_options` may hold the how-options `offload`,
         `vae_tiling` and `vae_slicing` and any other option of the model."""
         from noiseopt.registry import MODELS, VERIFIERS
         from noiseopt.samplers import ModelEntry, model_entry
@@ -124,10 +134,6 @@ class RunSpec:
         steps, guidance, scheduler, dtype = typed["num_steps"], typed["guidance_scale"], typed["scheduler"], typed["dtype"]
         height, width, batch_size, device = typed["height"], typed["width"], typed["batch_size"], typed["device"]
         how = {k: model_options.pop(k) for k in ("offload", "vae_tiling", "vae_slicing") if k in model_options}
-        if dtype is not None:
-            from noiseopt.core import get_dtype
-
-            dtype = str(get_dtype(dtype)).removeprefix("torch.")  # one name for fp16, float16, half, torch.float16
         if isinstance(model, str):
             known = MODELS.options(name) if name in MODELS else {}
             default = lambda k: known.get(k) if known.get(k) is not inspect.Parameter.empty else None  # noqa: E731
@@ -135,11 +141,18 @@ class RunSpec:
                 steps = default("num_steps") if name in MODELS else 30  # diffusers_model's default
             guidance = guidance if guidance is not None else default("guidance_scale")
             scheduler = scheduler if scheduler is not None else default("scheduler")
+            dtype = dtype if dtype is not None else default("dtype")
+            if dtype is None and "dtype" in (known if name in MODELS else {"dtype": None}):
+                from noiseopt.core import get_device
+
+                dtype = get_dtype(None, get_device(device))  # "auto" made explicit: it depends on the device
         elif not isinstance(model, ModelEntry) and not _is_pipeline(model) and not callable(getattr(model, "denoise", None)):
             raise ConfigError(f"model is a registered name, a hub id or folder, a loaded diffusers pipeline, a ModelEntry "
                               f"or a sampler; got {type(model).__name__}")
         else:
             steps = steps if steps is not None else getattr(model, "num_steps", None)
+        if dtype is not None:
+            dtype = str(get_dtype(dtype)).removeprefix("torch.")  # one name for fp16, float16, half, torch.float16
         if isinstance(model, ModelEntry) and any(v is not None for v in (steps, guidance, scheduler, dtype, height, width)):
             raise ConfigError("a ModelEntry carries its own sampler settings: pass its name with options (e.g. "
                               "model='shapes', steps=10) or set them where the entry is made")

@@ -53,6 +53,16 @@ def test_every_field_that_defines_a_run_changes_its_fingerprint_and_default_fold
         assert [line.split(":")[0] for line in other.differences(base.what())] == [field], (field, change)
 
 
+def test_auto_precision_is_recorded_as_the_device_makes_it():
+    import torch
+
+    assert RunSpec.from_args("a cat", model="org/model").dtype == ("float16" if torch.cuda.is_available() else "float32")
+    assert RunSpec.from_args("a cat", model="flux-dev").dtype == "bfloat16"  # the registered model's own
+    assert RunSpec.from_args("a cat", model="org/model", dtype="fp16").fingerprint() == \
+        RunSpec.from_args("a cat", model="org/model", dtype=torch.float16).fingerprint()
+    assert spec().dtype is None  # the shapes model has one precision
+
+
 def test_how_a_run_goes_stays_out_of_its_fingerprint():
     base = spec()
     for change in (dict(batch_size=2), dict(device="cpu"), dict(offload_verifiers=True), dict(verifier_device="cpu")):
@@ -97,7 +107,7 @@ def test_a_spec_round_trips_and_a_spec_of_objects_says_it_cannot():
     s = spec(algo="zo:lam=0.9", verifiers=["clip:scale=3", "aesthetic"], weights=[1, 2], batch_size=4)
     assert RunSpec.from_dict(json.loads(json.dumps(s.to_dict()))) == s
     objects = RunSpec.from_args("a cat", model=ToySampler(), verifiers=[Red()], budget=16)
-    assert objects.what()["model"] == "<toy.ToySampler:num_steps=8>" and objects.what()["verifiers"] == ["<toy.Red:name=red>"]
+    assert objects.what()["model"] == "<toy.ToySampler:ToySampler(num_steps=8)>" and objects.what()["verifiers"] == ["<toy.Red:name=red>"]
     with pytest.raises(ConfigError, match="made with objects"):
         RunSpec.from_dict(objects.to_dict())
 
@@ -115,7 +125,7 @@ def test_a_loaded_diffusers_pipeline_is_a_model():
     from noiseopt.testing import tiny_sd_pipeline
 
     res = noiseopt.search_noise("a red car", model=tiny_sd_pipeline(), verifiers=[Red()], steps=4, budget=16)
-    assert res.nfe == 16 and len(res.candidates) == 4 and res.spec["model"].endswith("StableDiffusionPipeline>")
+    assert res.nfe == 16 and len(res.candidates) == 4 and res.spec["model"].endswith("StableDiffusionPipeline:name_or_path=None,scheduler=DDIMScheduler,dtype=torch.float32>")
     from diffusers import DiffusionPipeline
 
     class AudioLDMPipeline(DiffusionPipeline):  # a pipeline of a family noiseopt does not drive
