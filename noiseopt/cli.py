@@ -322,11 +322,12 @@ def _add_bench(sub) -> None:
 # %% ../nbs/90_cli.ipynb #bbaf8075
 def cmd_sweep(args: argparse.Namespace) -> int:
     "Runs the defaults sweep of `--algos` on `--prompts` prompts of a prompt set and prints one row per configuration."
-    from noiseopt.benchmarks.sweep import SWEEP_GRID, format_sweep, sweep
+    from noiseopt.benchmarks.sweep import format_sweep, sweep, sweep_grid
 
-    algos = _algos_and_counts(args, SWEEP_GRID)
+    grids = sweep_grid()
+    algos = _algos_and_counts(args, grids)
     _, prompts = _prompt_set(args.model, args.prompt_set)
-    report = sweep(prompts[args.offset :: args.stride][: args.prompts], {a: SWEEP_GRID[a] for a in algos},
+    report = sweep(prompts[args.offset :: args.stride][: args.prompts], {a: grids[a] for a in algos},
                    budget_samples=args.budget_samples, seed=args.seed, model=args.model,
                    log=lambda m: print(m, file=sys.stderr))
     print(format_sweep(report))

@@ -180,6 +180,7 @@ class Left:
 class Halves(Search):
     "Two noises a round."
     label = "two at a time"
+    sweep_grid = ({},)
     def begin(self, run):
         return Left(run.budget.total // self.steps)
     def advance(self, run, state):
@@ -189,7 +190,7 @@ class Halves(Search):
 '''
 
 
-def test_a_search_in_one_class_and_one_registry_line_shows_in_the_cli_the_table_and_the_curve(tmp_path, capsys):
+def test_a_search_in_one_class_and_one_registry_line_shows_in_the_cli_the_table_the_curve_and_the_sweep(tmp_path, capsys):
     from noiseopt.cli import build_parser, main
     from noiseopt.registry import SEARCHES
 
@@ -205,6 +206,9 @@ def test_a_search_in_one_class_and_one_registry_line_shows_in_the_cli_the_table_
         search_help = parser._subparsers._group_actions[0].choices["search"].format_help()
         bench_args = parser.parse_args(["bench"])
         assert "halves" in " ".join(search_help.split()) and "halves" in bench_args.algos.split(",")
+        from noiseopt.benchmarks.sweep import sweep_grid
+
+        assert sweep_grid()["halves"] == [{}] and "halves" not in sweep_grid(["zo", "paths"])
     finally:
         SEARCHES.unregister("halves")
     table = (tmp_path / "bench" / "table.md").read_text()

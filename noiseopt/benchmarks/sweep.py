@@ -10,9 +10,11 @@ from typing import Sequence
 
 import numpy as np
 
+from ..registry import SEARCHES
+
 
 # %% auto #0
-__all__ = ['SWEEP_GRID', 'sweep', 'format_sweep']
+__all__ = ['SWEEP_GRID', 'sweep_grid', 'sweep', 'format_sweep']
 
 # %% ../../nbs/benchmarks/03_sweep.ipynb #2b7a3abb
 def _bench_rows(sampler, ens, check, algo: str, prompts: Sequence[str], budget: int, seed: int, **search_kwargs) -> list[dict]:
@@ -44,14 +46,19 @@ def _setup(model, verifiers, ensemble: str):
     return sampler, Ensemble([loaded(load()) for load in loaders], method=ensemble), entry.check
 
 # %% ../../nbs/benchmarks/03_sweep.ipynb #8c96cecb
-SWEEP_GRID: dict[str, list[dict]] = {
-    "zo": [dict(lam=0.95, neighbors=4), dict(lam=0.8, neighbors=4), dict(lam=0.6, neighbors=4), dict(lam=0.8, neighbors=7)],
-    "paths": [dict(paths=2, per_path=4, start=0.4, forward=0.12, backward=0.2),
-              dict(paths=2, per_path=3, start=0.6, forward=0.4, backward=0.48),
-              dict(paths=1, per_path=3, start=0.88, forward=0.78, backward=0.81),
-              dict(paths=2, per_path=2, start=0.88, forward=0.78, backward=0.81)],
-    "both": [dict(split=split) for split in (0.25, 0.5, 0.75)],
-}
+def sweep_grid(names: Sequence[str] | None = None) -> dict[str, list[dict]]:
+    "Returns the sweep grid of each search of `names` (default: every registered one) that has one (`Search.sweep_grid`)."
+    out = {}
+    for name in SEARCHES.ordered() if names is None else names:
+        cls = SEARCHES.get(name)
+        grid = vars(cls).get("sweep_grid") if isinstance(cls, type) else None
+        if grid:
+            out[name] = [dict(config) for config in grid]
+    return out
+
+
+#: The built-in searches' grids (each class's `sweep_grid`)
+SWEEP_GRID = sweep_grid(list(SEARCHES.builtins))
 
 
 def _steps_kwargs(cfg: dict, K: int) -> dict:
@@ -66,11 +73,11 @@ def _steps_kwargs(cfg: dict, K: int) -> dict:
 
 def sweep(prompts: Sequence[str], grid: dict[str, list[dict]] | None = None, budget_samples: int = 8, seed: int = 0,
           model: str = "shapes", verifiers: Sequence[str] | None = None, ensemble: str = "rank", log=print) -> dict:
-    "Returns, for every configuration of `grid` (default `SWEEP_GRID`), the comparison's figures on `prompts`."
+    "Returns, for every configuration of `grid` (default: every registered search's `sweep_grid`), the comparison's figures on `prompts`."
     sampler, ens, check = _setup(model, verifiers, ensemble)
     budget, K = budget_samples * sampler.num_steps, sampler.num_steps
     report = {"budget": budget, "prompts": list(prompts), "seed": seed, "runs": []}
-    for algo, configs in (grid or SWEEP_GRID).items():
+    for algo, configs in (grid or sweep_grid()).items():
         for cfg in configs:
             t0 = time.perf_counter()
             kwargs = _steps_kwargs(cfg, K)

@@ -35,6 +35,7 @@ class PhaseState:
 class CombinedSearch(Search):
     "Both: zero-order search with `split` of the budget, then path search from its best noises with the rest."
     algo = "both"
+    sweep_grid = tuple(dict(split=split) for split in (0.25, 0.5, 0.75))
     needs_restartable = True
 
     def __init__(self, sampler, ensemble, neighbors: int = ZO_DEFAULTS["neighbors"], lam: float = ZO_DEFAULTS["lam"],

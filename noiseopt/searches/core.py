@@ -262,6 +262,8 @@ class Search:
     uses_verifiers = True
     #: True when its first B NFEs do not depend on its total budget: the benchmark reads every budget off one run
     curve_from_one_run = False
+    #: the configurations `noiseopt sweep` compares to choose its defaults (path options as fractions of the K steps)
+    sweep_grid: tuple[dict, ...] = ()
     needs_restartable = False
 
     @property

@@ -43,6 +43,10 @@ class PathState:
 class PathSearch(Search):
     "Search over paths: re-noise survivors `forward` steps back, denoise `backward` steps, keep the best `paths`."
     algo = "paths"
+    sweep_grid = (dict(paths=2, per_path=4, start=0.4, forward=0.12, backward=0.2),
+                  dict(paths=2, per_path=3, start=0.6, forward=0.4, backward=0.48),
+                  dict(paths=1, per_path=3, start=0.88, forward=0.78, backward=0.81),
+                  dict(paths=2, per_path=2, start=0.88, forward=0.78, backward=0.81))
     needs_restartable = True
 
     def __init__(self, sampler, ensemble, paths: int = PATH_DEFAULTS["paths"], per_path: int = PATH_DEFAULTS["per_path"],

@@ -54,6 +54,8 @@ class ZeroOrderSearch(Search):
     algo = "zo"
     label = "zero-order"
     curve_from_one_run = True
+    sweep_grid = (dict(lam=0.95, neighbors=4), dict(lam=0.8, neighbors=4), dict(lam=0.6, neighbors=4),
+                  dict(lam=0.8, neighbors=7))
 
     def __init__(self, sampler, ensemble, neighbors: int = ZO_DEFAULTS["neighbors"], lam: float = ZO_DEFAULTS["lam"],
                  batch_size: int | None = None):
