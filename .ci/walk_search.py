@@ -48,6 +48,8 @@ code = main(["search", "a red circle left of a blue square", "--algo", "zo", "--
              "--out", str(out), "--quiet"])
 sys.setprofile(None)
 # the moves until result.json is written: plotting after it (viz) is not part of the walk
+if not cut:
+    raise SystemExit("result.json was never written: the search failed before it")
 walk = order[: cut[0]]
 climbs = [(a, b, fn) for a, b, fn in walk if table.get(b, -1) > table.get(a, 99)]
 print(f"exit {code}; moves between modules up to result.json: {len(walk)}, of which climbs: {len(climbs)}")

@@ -14,7 +14,7 @@ from .benchmarks.data import (ALGO_ORDER, HUB_PROMPT_SETS, REFERENCE_PROMPTS, lo
                                      read_results, row_key)
 from .benchmarks.tables import format_table, mean_ci, method_label, rate_ci, summarize, t975, table_csv  # noqa: F401
 from .benchmarks.run import add_bench_arguments, bench_command, benchmark, main, search_rows  # noqa: F401
-from .benchmarks.sweep import SWEEP_GRID, format_sweep, sweep  # noqa: F401
+from .benchmarks.sweep import format_sweep, sweep  # noqa: F401
 from .benchmarks.verifier_speed import VIT_H14, VIT_L14, format_speed, random_verifier, verifier_speed  # noqa: F401
 from .benchmarks.perf import format_perf, perf  # noqa: F401
 from .benchmarks.gpu import FLUX_DEV_CONFIG, SDXL_CONFIG, format_gpu_check, gpu_check, real_size_pipeline  # noqa: F401
@@ -22,5 +22,14 @@ from .benchmarks.gpu import FLUX_DEV_CONFIG, SDXL_CONFIG, format_gpu_check, gpu_
 _all_ = ['REFERENCE_PROMPTS', 'HUB_PROMPT_SETS', 'ALGO_ORDER', 'SWEEP_GRID', 'VIT_L14', 'VIT_H14', 'SDXL_CONFIG', 'FLUX_DEV_CONFIG', 'load_prompts', 'row_key', 'read_results', 'search_rows', 't975', 'mean_ci', 'rate_ci', 'summarize', 'method_label', 'format_table', 'table_csv', 'benchmark', 'add_bench_arguments', 'bench_command', 'main', 'sweep', 'format_sweep', 'random_verifier', 'verifier_speed', 'format_speed', 'perf', 'format_perf', 'real_size_pipeline', 'gpu_check', 'format_gpu_check']
 
 # %% ../nbs/98_bench_compat.ipynb #b5c2e102
+def __getattr__(name: str):
+    "Serves `SWEEP_GRID` on first use (making it imports the search classes, and torch: `--help` does not need it)."
+    if name == "SWEEP_GRID":
+        from noiseopt.benchmarks import sweep as _sweep
+
+        return _sweep.SWEEP_GRID
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 if __name__ == "__main__" and "__file__" in globals():  # python -m noiseopt.bench (not a notebook kernel)
     raise SystemExit(main())

@@ -324,8 +324,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     "Runs the defaults sweep of `--algos` on `--prompts` prompts of a prompt set and prints one row per configuration."
     from noiseopt.benchmarks.sweep import format_sweep, sweep, sweep_grid
 
-    grids = sweep_grid()
-    algos = _algos_and_counts(args, grids)
+    from noiseopt.registry import SEARCHES
+
+    asked = [a.strip() for a in args.algos.split(",") if a.strip()]
+    grids = sweep_grid([a for a in asked if a in SEARCHES]) if all(a in SEARCHES for a in asked) else {}
+    algos = _algos_and_counts(args, grids or sweep_grid(list(SEARCHES.builtins)))
     _, prompts = _prompt_set(args.model, args.prompt_set)
     report = sweep(prompts[args.offset :: args.stride][: args.prompts], {a: grids[a] for a in algos},
                    budget_samples=args.budget_samples, seed=args.seed, model=args.model,

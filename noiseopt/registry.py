@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import importlib
-import json
+import re
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -22,13 +22,12 @@ __all__ = ['MODELS', 'VERIFIERS', 'SEARCHES', 'parse_value', 'split_outside_quot
 def parse_value(text: str) -> Any:
     """Returns an option's value from its text: `None`, a bool, an int or a float when it reads as one, else the text.
 
-    A value in double quotes is a string as written (JSON's escapes): `"Rate 0-100, be strict"`, `"true"`."""
-    if len(text.strip()) >= 2 and text.strip()[0] == text.strip()[-1] == '"':
-        try:
-            return json.loads(text.strip())
-        except ValueError:
-            raise ConfigError(f"the quoted value {shorten(text)!r} is not a well-formed string") from None
-    low = text.strip().lower()
+    A value in double quotes is a string as written, `\"` and `\\` standing for a quote and a backslash:
+    `"Rate 0-100, be strict"`, `"true"`."""
+    stripped = text.strip()
+    if len(stripped) >= 2 and stripped[0] == stripped[-1] == '"':
+        return re.sub(r'\\(["\\])', r"\1", stripped[1:-1])
+    low = stripped.lower()
     if low in ("none", "null"):
         return None
     if low in ("true", "false"):
@@ -42,14 +41,15 @@ def parse_value(text: str) -> Any:
 
 
 def split_outside_quotes(text: str, sep: str = ",") -> list[str]:
-    "Returns `text` split at each `sep` that is not inside double quotes (a backslash escapes the next character there)."
+    """Returns `text` split at each `sep` that is not inside a quoted value: a `"` opens one only where a value starts
+    (after `=`), and inside one a backslash escapes the next character. A `"` anywhere else is an ordinary character."""
     parts, cur, quoted, escaped = [], [], False, False
     for ch in text:
         if escaped:
             escaped = False
         elif quoted and ch == "\\":
             escaped = True
-        elif ch == '"':
+        elif ch == '"' and (quoted or (cur and cur[-1] == "=")):
             quoted = not quoted
         elif ch == sep and not quoted:
             parts.append("".join(cur))
@@ -63,9 +63,12 @@ def split_outside_quotes(text: str, sep: str = ",") -> list[str]:
 
 
 def value_text(value: Any) -> str:
-    "Returns the text of an option's value that `parse_value` reads back as the same value (strings quoted where needed)."
+    """Returns the text of an option's value (None, a bool, a number or a string) that `parse_value` reads back as the
+    same value: a string is quoted where it would read otherwise or holds `,`, `:`, `=`, `"` or a backslash."""
+    if isinstance(value, (list, tuple, dict, set)):
+        raise ConfigError(f"an option's value is None, a bool, a number or a string, not {type(value).__name__}")
     if isinstance(value, str) and (parse_value(value) != value or any(c in value for c in ',:="\\')):
-        return json.dumps(value)
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return str(value)
 
 

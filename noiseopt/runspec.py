@@ -42,11 +42,21 @@ def _describe(obj) -> str:
         source = getattr(obj, "name_or_path", None) or dict(getattr(obj, "config", {})).get("_name_or_path")
         detail = f"name_or_path={source},scheduler={type(obj.scheduler).__name__},dtype={obj.dtype}"
     elif " at 0x" not in repr(obj):
-        detail = re.sub(r",? ?device=[^,)]*", "", repr(obj))
+        how = "|".join(("device", *HOW_OPTIONS, "verifier_device"))
+        detail = re.sub(rf"(, )?\b({how})=[^,)]*(, )?", lambda m: ", " if m.group(1) and m.group(3) else "", repr(obj))
     else:
         name, steps = getattr(obj, "name", None), getattr(obj, "num_steps", None)
         detail = f"name={name}" if isinstance(name, str) else f"num_steps={steps}" if isinstance(steps, int) else ""
     return f"<{cls.__module__}.{cls.__qualname__}" + (f":{detail}" if detail else "") + ">"
+
+
+def _auto_dtype(device) -> str:
+    "Returns the precision `dtype='auto'` gives on `device` (named, nothing checked): float32 on the CPU, else float16."
+    from noiseopt.core import default_device
+
+    kind = str(device).split(":")[0].strip().lower() if device is not None and str(device).lower() != "auto" \
+        else default_device().type
+    return "float32" if kind == "cpu" else "float16"
 
 
 def _is_pipeline(obj) -> bool:
@@ -143,9 +153,7 @@ class RunSpec:
             scheduler = scheduler if scheduler is not None else default("scheduler")
             dtype = dtype if dtype is not None else default("dtype")
             if dtype is None and "dtype" in (known if name in MODELS else {"dtype": None}):
-                from noiseopt.core import get_device
-
-                dtype = get_dtype(None, get_device(device))  # "auto" made explicit: it depends on the device
+                dtype = _auto_dtype(device)  # "auto" made explicit: the precision depends on the device
         elif not isinstance(model, ModelEntry) and not _is_pipeline(model) and not callable(getattr(model, "denoise", None)):
             raise ConfigError(f"model is a registered name, a hub id or folder, a loaded diffusers pipeline, a ModelEntry "
                               f"or a sampler; got {type(model).__name__}")

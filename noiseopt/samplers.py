@@ -22,10 +22,13 @@ from .core import (ConfigError, ModelNotFoundError, PromptError, SchedulerError,
 from .models.core import (FAMILIES, FlowAdapter, RESTARTABLE, SCHEDULERS, Conditioning, adapter_for,  # noqa: F401
                                   call_default, decode_latents, make_scheduler, state_levels)
 
+_all_ = ["SCHEDULERS", "RESTARTABLE", "make_scheduler", "Conditioning", "state_levels", "decode_latents"]
+
 # %% auto #0
 __all__ = ['sd15_model', 'sdxl_model', 'sd35_large_model', 'sd35_medium_model', 'flux_dev_model', 'flux_schnell_model',
            'pixart_sigma_model', 'Sampler', 'require_restartable', 'encode_prompt', 'check_prompt', 'load_pipeline',
-           'DiffusersSampler', 'renoise_states', 'FlowMatchSampler', 'ModelEntry', 'diffusers_model', 'model_entry']
+           'DiffusersSampler', 'renoise_states', 'FlowMatchSampler', 'ModelEntry', 'diffusers_model', 'model_entry',
+           'SCHEDULERS', 'RESTARTABLE', 'make_scheduler', 'Conditioning', 'state_levels', 'decode_latents']
 
 # %% ../nbs/01_samplers.ipynb #3f666984
 @runtime_checkable
@@ -86,14 +89,15 @@ _STOCHASTIC = ("EulerAncestralDiscreteScheduler",)  # schedulers that draw fresh
 
 # %% ../nbs/01_samplers.ipynb #2cbec414
 def encode_prompt(pipe, prompt: str, guidance: bool, negative_prompt: str | None = None,
-                  size: tuple[int, int] | None = None, max_sequence_length: int = 300,
+                  size: tuple[int, int] | None = None, max_sequence_length: int | None = None,
                   clean_caption: bool = True) -> Conditioning:
     "Returns `prompt`'s `Conditioning` by the pipeline's own text encoders, as its family's adapter encodes it."
     from types import SimpleNamespace
 
     height, width = size if size is not None else (None, None)
     s = SimpleNamespace(guidance=guidance, negative_prompt=negative_prompt, height=height, width=width,
-                        max_sequence_length=max_sequence_length, clean_caption=clean_caption,
+                        max_sequence_length=max_sequence_length if max_sequence_length is not None else
+                        call_default(pipe, "max_sequence_length", 300), clean_caption=clean_caption,
                         device=getattr(pipe, "_execution_device", pipe.device), dtype=None)
     return adapter_for(pipe).encode(s, prompt)
 
@@ -249,9 +253,16 @@ class DiffusersSampler:
         return self.replace(**self.adapter.with_steps(self, num_steps))
 
     def __repr__(self) -> str:
-        return (f"DiffusersSampler({type(self.pipe).__name__}, scheduler={type(self.scheduler).__name__}, "
+        source = getattr(self.pipe, "name_or_path", None)
+        return (f"DiffusersSampler({type(self.pipe).__name__}{f', {source}' if source else ''}, "
+                f"scheduler={type(self.scheduler).__name__}, "
                 f"num_steps={self.num_steps}, guidance_scale={self.guidance_scale}, size={self.height}x{self.width}, "
                 f"device={self.device}, dtype={self.dtype})")
+
+    @property
+    def kind(self) -> str:
+        "The old name of `family`."
+        return self.family
 
     # --- shapes and noise ---------------------------------------------------------------------------
     @property
@@ -345,7 +356,8 @@ class DiffusersSampler:
     @torch.no_grad()
     def predict_x0(self, x: torch.Tensor, cond: Conditioning, step: int, seeds: Sequence[int] | None = None) -> torch.Tensor:
         "Returns the clean-latent estimate for states `x` at `step` (one NFE per sample; `seeds` unused)."
-        self._require_restartable("predict the clean latent in the middle of its schedule")
+        if self.adapter.predict_needs_restart:
+            self._require_restartable("predict the clean latent in the middle of its schedule")
         self._check_steps(step)
         if step == self.num_steps:
             return x.clone()
@@ -384,11 +396,11 @@ class FlowMatchSampler(DiffusersSampler):
     """The old name of `DiffusersSampler` over a FLUX or SD3 pipeline: `DiffusersSampler` drives them itself now
     (`noiseopt.models.flux`, `noiseopt.models.sd3`); this name refuses a pipeline of another family."""
 
-    def __init__(self, pipe, num_steps: int | None = None, **kwargs):
+    def __init__(self, pipe, *args, **kwargs):
         if not isinstance(adapter_for(pipe), FlowAdapter):
             raise UnsupportedModelError(f"FlowMatchSampler drives FLUX and SD3 pipelines, not {type(pipe).__name__}: "
                                         "use DiffusersSampler")
-        super().__init__(pipe, num_steps, **kwargs)
+        super().__init__(pipe, *args, **kwargs)
 
 # %% ../nbs/01_samplers.ipynb #5b1e0a02
 @dataclass

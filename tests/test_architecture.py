@@ -297,6 +297,7 @@ for argv in ([], ["--help"], ["search", "--help"], ["bench", "--help"], ["sweep"
         main(argv)
     except SystemExit:
         pass
+import noiseopt.bench, noiseopt.benchmarks.run  # the old path and `python -m noiseopt.bench`'s module
 print("TORCH" if "torch" in sys.modules else "NO-TORCH")
 """
 

@@ -56,6 +56,10 @@ def test_every_field_that_defines_a_run_changes_its_fingerprint_and_default_fold
 def test_auto_precision_is_recorded_as_the_device_makes_it():
     import torch
 
+    # named from the device asked for, nothing checked: a GPU run can be described on a machine without one
+    assert RunSpec.from_args("a cat", model="sdxl", device="cuda").dtype == "float16"
+    assert RunSpec.from_args("a cat", model="sdxl", device="cpu").dtype == "float32"
+
     assert RunSpec.from_args("a cat", model="org/model").dtype == ("float16" if torch.cuda.is_available() else "float32")
     assert RunSpec.from_args("a cat", model="flux-dev").dtype == "bfloat16"  # the registered model's own
     assert RunSpec.from_args("a cat", model="org/model", dtype="fp16").fingerprint() == \
@@ -242,7 +246,6 @@ def test_a_model_entry_is_a_model_with_its_own_verifiers():
 
 
 def test_option_values_with_commas_and_quotes_survive_the_spec():
-    pytest.importorskip("openai")
     rubric = 'Rate 0-100, be strict: say "why"'
     s = spec(verifiers=["clip", "gpt"], verifier_options={"gpt": {"rubric": rubric, "mode": "yesno"}})
     gpt = s.verifiers[1]
@@ -253,3 +256,27 @@ def test_option_values_with_commas_and_quotes_survive_the_spec():
     assert parse_spec(gpt)[1]["rubric"] == rubric
     judge = verifier_loaders(s.entry(), s.verifiers)[1]()  # what build() makes: the judge with the rubric as given
     assert judge.rubric == rubric and judge.mode == "yesno"
+
+
+def test_quoted_values_and_stray_quotes():
+    from noiseopt.registry import parse_spec, spec_text, split_specs
+
+    values = {"rubric": 'Rate 0-100, be strict: say "why"', "mode": "true", "cache_dir": "C:\\new", "n": 3, "x": None}
+    assert parse_spec(spec_text("gpt", values)) == ("gpt", values)
+    assert parse_spec('sdxl:negative_prompt=12" pizza') == ("sdxl", {"negative_prompt": '12" pizza'})  # not a quote
+    assert split_specs('clip,gpt:rubric="a, b",mode=yesno') == ["clip", 'gpt:rubric="a, b",mode=yesno']
+    with pytest.raises(ConfigError, match="a quote is not closed"):
+        parse_spec('gpt:rubric="a, b')
+    with pytest.raises(ConfigError, match="not list"):
+        spec_text("zo", {"lam": [0.5, 0.9]})
+
+
+def test_the_timed_sampler_times_the_longer_schedule():
+    from noiseopt.benchmarks.perf import _Clock, _TimedSampler
+    from noiseopt.searches.more_steps import more_steps
+    from noiseopt.testing import tiny_sd_pipeline
+    from noiseopt.samplers import DiffusersSampler
+
+    timed = _TimedSampler(DiffusersSampler(tiny_sd_pipeline(), num_steps=4), _Clock())
+    longer = more_steps(timed, 8)
+    assert isinstance(longer, _TimedSampler) and longer.num_steps == 8

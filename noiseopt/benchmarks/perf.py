@@ -49,6 +49,8 @@ class _TimedSampler:
             return self._clock.timed(self._CATEGORY[name], value)
         if name == "replace":
             return lambda **changes: _TimedSampler(value(**changes), self._clock)
+        if name == "with_steps":  # the more-steps baseline's longer schedule: timed like the rest
+            return lambda n: _TimedSampler(value(n), self._clock)
         return value
 
 

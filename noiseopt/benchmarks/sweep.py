@@ -14,7 +14,7 @@ from ..registry import SEARCHES
 
 
 # %% auto #0
-__all__ = ['SWEEP_GRID', 'sweep_grid', 'sweep', 'format_sweep']
+__all__ = ['sweep_grid', 'sweep', 'format_sweep']
 
 # %% ../../nbs/benchmarks/03_sweep.ipynb #2b7a3abb
 def _bench_rows(sampler, ens, check, algo: str, prompts: Sequence[str], budget: int, seed: int, **search_kwargs) -> list[dict]:
@@ -57,8 +57,11 @@ def sweep_grid(names: Sequence[str] | None = None) -> dict[str, list[dict]]:
     return out
 
 
-#: The built-in searches' grids (each class's `sweep_grid`)
-SWEEP_GRID = sweep_grid(list(SEARCHES.builtins))
+def __getattr__(name: str):
+    "Serves `SWEEP_GRID`, the built-in searches' grids, on first use: making it imports the search classes (and torch)."
+    if name == "SWEEP_GRID":
+        return sweep_grid(list(SEARCHES.builtins))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _steps_kwargs(cfg: dict, K: int) -> dict:

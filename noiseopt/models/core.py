@@ -126,6 +126,7 @@ class PipelineAdapter:
     options: tuple[str, ...] = ()
     default_steps, default_guidance = 30, 7.5
     upcast_vae = True  # an fp16 VAE marked force_upcast decodes in fp32, as the pipelines do
+    predict_needs_restart = True  # the clean-latent estimate is a scheduler step: it needs a restartable scheduler
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -252,6 +253,7 @@ class FlowAdapter(PipelineAdapter):
     options = ("max_sequence_length",)
     default_steps, default_guidance = 28, 3.5
     upcast_vae = False
+    predict_needs_restart = False  # `x - sigma v` needs no scheduler step
 
     @property
     def denoiser(self):

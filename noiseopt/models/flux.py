@@ -50,15 +50,20 @@ class FluxAdapter(FlowAdapter):
         return self.pipe._pack_latents(x, len(x), c, h, w)
 
     def _img_ids(self, s):
+        "Returns the image tokens' position ids of sampler `s`'s size (made once per size, device and dtype)."
         h, w = self._grid(s)
-        return self.pipe._prepare_latent_image_ids(1, h // 2, w // 2, s.device, s.dtype)
+        key = (h, w, str(s.device), s.dtype)
+        cache = self.__dict__.setdefault("_ids", {})
+        if key not in cache:
+            cache[key] = self.pipe._prepare_latent_image_ids(1, h // 2, w // 2, s.device, s.dtype)
+        return cache[key]
 
     @torch.no_grad()
     def encode(self, s, prompt: str) -> Conditioning:
         embeds, pooled, text_ids = self.pipe.encode_prompt(prompt=prompt, prompt_2=None, device=s.device,
                                                            num_images_per_prompt=1,
                                                            max_sequence_length=s.max_sequence_length)
-        return Conditioning(prompt, embeds, None, {"pooled": pooled, "txt_ids": text_ids, "img_ids": self._img_ids(s)})
+        return Conditioning(prompt, embeds, None, {"pooled": pooled, "txt_ids": text_ids})
 
     def model_output(self, s, x, cond, t):
         n = x.shape[0]
@@ -67,7 +72,7 @@ class FluxAdapter(FlowAdapter):
         return self.denoiser(hidden_states=x, timestep=t.expand(n).to(x.dtype) / 1000, guidance=guidance,
                              pooled_projections=cond.added["pooled"].repeat(n, 1),
                              encoder_hidden_states=cond.embeds.repeat(n, 1, 1), txt_ids=cond.added["txt_ids"],
-                             img_ids=cond.added["img_ids"], return_dict=False)[0]
+                             img_ids=self._img_ids(s), return_dict=False)[0]
 
     def decode(self, s, latents: torch.Tensor) -> torch.Tensor:
         latents = self.pipe._unpack_latents(latents, s.height, s.width, s.vae_scale_factor)
