@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import ConfigError, NoiseoptError, shorten
-from ..registry import SEARCHES
+from ..registry import SEARCHES, split_specs
 from .data import _append_rows, _finalize, _flag, _repair, load_prompts, read_results, row_key
 from .perf import format_perf, perf
 from .tables import format_table, summarize, table_csv
@@ -246,7 +246,7 @@ def bench_command(args) -> int:
         sets = model_entry(args.model).prompt_sets
         prompts = next(iter(sets)) if sets else "reference"
     summary = benchmark(out, model=args.model, prompts=prompts, algos=_csv(args.algos), budgets=budgets,
-                        verifiers=_csv(args.verifiers) or None, eval_verifiers=_csv(args.eval_verifiers),
+                        verifiers=split_specs(args.verifiers or "") or None, eval_verifiers=split_specs(args.eval_verifiers or ""),
                         ensemble=args.ensemble, seed=args.seed, limit=args.limit, stride=args.stride, device=args.device,
                         trajectories=not args.no_trajectories, log=log)
     if summary is not None:
