@@ -19,8 +19,9 @@ from .errors import ConfigError, NoiseoptError, shorten
 from .registry import SEARCHES, list_models, list_searches, list_verifiers, parse_spec, split_specs
 
 # %% auto #0
-__all__ = ['cmd_info', 'cmd_shapes_train', 'cmd_shapes_eval', 'search_spec', 'default_out', 'cmd_search', 'cmd_bench',
-           'cmd_sweep', 'cmd_bench_verifiers', 'cmd_bench_gpu', 'build_parser', 'load_plugin', 'main', 'entrypoint']
+__all__ = ['THREADS_HELP', 'cmd_info', 'cmd_shapes_train', 'cmd_shapes_eval', 'search_spec', 'default_out', 'cmd_search',
+           'add_threads_argument', 'apply_threads', 'cmd_bench', 'cmd_sweep', 'cmd_bench_verifiers', 'cmd_bench_gpu',
+           'build_parser', 'load_plugin', 'main', 'entrypoint']
 
 # %% ../nbs/90_cli.ipynb #34475c7a
 _PACKAGES = ("torch", "diffusers", "transformers", "open_clip_torch", "accelerate", "openai")
@@ -77,15 +78,11 @@ def _write_json(path: str | None, report: dict) -> None:
 
 def cmd_shapes_train(args: argparse.Namespace) -> int:
     "Trains the shapes models into `--out`; exits 0 when every part finished, 3 when the time limit stopped it."
-    import torch
-
     from noiseopt.shapes_train import DEFAULT_STEPS, train
 
     args.model_steps = DEFAULT_STEPS["model"] if args.model_steps is None else args.model_steps
     args.clip_steps = DEFAULT_STEPS["clip"] if args.clip_steps is None else args.clip_steps
     args.order_steps = DEFAULT_STEPS["order"] if args.order_steps is None else args.order_steps
-    if args.threads:
-        torch.set_num_threads(args.threads)
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     done = train(args.out, minutes=args.minutes, seed=args.seed, parts=parts, model_steps=args.model_steps,
                  clip_steps=args.clip_steps, order_steps=args.order_steps)
@@ -132,7 +129,6 @@ def _add_shapes(sub) -> None:
                     help="training steps of the CLIP and head (default: the shipped ones', shapes_train.DEFAULT_STEPS)")
     tr.add_argument("--order-steps", type=int, default=None,
                     help="training steps of the CLIP's second phase, word order (default: shapes_train.DEFAULT_STEPS)")
-    tr.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     tr.set_defaults(func=cmd_shapes_train)
     ev = ssub.add_parser("eval", help="evaluate the shapes models on the held-out shapes-eval prompts",
                          description="Sample the held-out shapes-eval prompts from fixed seeds, score the samples with "
@@ -200,9 +196,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else spec.default_folder()
     try:
         result = spec.run(out=out, progress=not args.quiet)
-    except KeyboardInterrupt:
-        print(f"noiseopt: interrupted; every finished round is saved in {out}: run the same command again to resume",
-              file=sys.stderr)
+    except KeyboardInterrupt as e:  # the search saved what it had computed, and says what (`errors.Interrupted`)
+        print(f"noiseopt: {e}" if str(e) else f"noiseopt: interrupted before the search began: nothing to keep in "
+              f"{str(out)!r}", file=sys.stderr)
         return 130
     import matplotlib.pyplot as plt
 
@@ -231,6 +227,26 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 # %% ../nbs/90_cli.ipynb #f9b97d45
+THREADS_HELP = "CPU threads for torch (default: half the usable cores, at least 1; OMP_NUM_THREADS, where set, wins)"
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    "Adds `--threads N` to a computing command's parser."
+    p.add_argument("--threads", type=int, default=None, metavar="N", help=THREADS_HELP)
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    "Sets torch's CPU threads for a computing command: `--threads N`, else noiseopt's default (`core.auto_threads`)."
+    if "threads" not in vars(args):
+        return  # a command that computes nothing: torch is not even imported
+    from noiseopt.core import auto_threads, set_threads
+
+    if args.threads is not None:
+        set_threads(args.threads)
+    else:
+        auto_threads()
+
+
 def _add_search(sub) -> None:
     p = sub.add_parser("search", help="search for a prompt's best initial noise (the main job)",
                        description="Search for the initial noise whose image the verifiers like best, within a budget of "
@@ -447,6 +463,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_verifiers(sub)
     _add_bench_gpu(sub)
     _add_shapes(sub)
+    # every command that computes takes --threads (noiseopt bench has it among the benchmark's own arguments)
+    computing = [sub.choices[n] for n in ("search", "sweep", "bench-verifiers", "bench-gpu")]
+    computing += list(sub.choices["shapes"]._subparsers._group_actions[0].choices.values())
+    for p in computing:
+        add_threads_argument(p)
     return parser
 
 
@@ -491,6 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "func", None) is None:
             parser.print_help()
             return 0
+        apply_threads(args)
         return args.func(args)
     except NoiseoptError as e:
         print(f"noiseopt: error: {e}", file=sys.stderr)

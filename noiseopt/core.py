@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 
 # %% auto #0
-__all__ = ['default_device', 'get_device', 'get_dtype', 'randn', 'generators_from_seeds', 'noise_from_seeds', 'to_pil',
-           'from_pil', 'Candidate', 'candidate_files', 'png_bytes', 'latent_bytes', 'read_candidate_files', 'is_final',
-           'SearchResult', 'Budget']
+__all__ = ['default_device', 'get_device', 'get_dtype', 'usable_cores', 'default_threads', 'set_threads', 'auto_threads', 'randn',
+           'generators_from_seeds', 'noise_from_seeds', 'to_pil', 'from_pil', 'Candidate', 'candidate_files',
+           'viewable', 'png_bytes', 'latent_bytes', 'read_candidate_files', 'is_final', 'SearchResult', 'Budget']
 
 # %% ../nbs/00_core.ipynb #3247af67
 from .errors import (BudgetError, ConfigError, ModelNotFoundError, NoiseoptError, PromptError,  # noqa: F401
@@ -70,6 +70,43 @@ def get_dtype(dtype: str | torch.dtype | None = None, device: str | torch.device
         return _DTYPES[dtype.strip().lower()]
     except KeyError:
         raise ConfigError(f"unknown dtype {dtype!r}: use one of 'auto', {', '.join(repr(k) for k in _DTYPES)}") from None
+
+# %% ../nbs/00_core.ipynb #09c94145
+_THREADS = {"chosen": None, "torch": torch.get_num_threads()}  # torch's own count when noiseopt was imported
+
+
+def usable_cores() -> int:
+    "Returns the number of CPU cores this process may run on."
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    "Returns the CPU threads noiseopt gives torch by default: half the usable cores, at least one."
+    return max(1, usable_cores() // 2)
+
+
+def set_threads(n: int | None = None) -> int:
+    "Sets torch's CPU threads to `n` (default: `default_threads()`) and returns the number set."
+    n = default_threads() if n is None else whole_number(n, "threads")
+    torch.set_num_threads(n)
+    _THREADS["chosen"] = n
+    return n
+
+
+def auto_threads() -> int:
+    """Applies `default_threads()` once, where nobody chose: returns torch's threads.
+
+    A choice is `set_threads`, `OMP_NUM_THREADS` in the environment, or torch's threads changed since noiseopt was
+    imported; each is left as it is."""
+    if _THREADS["chosen"] is None:
+        if "OMP_NUM_THREADS" in os.environ or torch.get_num_threads() != _THREADS["torch"]:
+            _THREADS["chosen"] = torch.get_num_threads()
+        else:
+            set_threads()
+    return torch.get_num_threads()
 
 # %% ../nbs/00_core.ipynb #bf5ff0d6
 def randn(shape: Sequence[int], generator: torch.Generator | Sequence[torch.Generator] | None = None,
@@ -187,6 +224,14 @@ def candidate_files(folder: str | os.PathLike, index: int) -> tuple[Path, Path]:
     return folder / "images" / f"{index:05d}.png", folder / "latents" / f"{index:05d}.safetensors"
 
 
+def viewable(image: torch.Tensor, min_side: int = 256) -> torch.Tensor:
+    """Returns `image` (`3 x H x W`) upscaled by nearest neighbour, by a whole factor, until its shorter side is at
+    least `min_side` pixels: a 32 x 32 image of the shapes world becomes 256 x 256, every pixel an 8 x 8 block (a
+    real model's images are returned as they are)."""
+    factor = -(-min_side // max(1, min(image.shape[-2:])))
+    return image if factor <= 1 else image.repeat_interleave(factor, -2).repeat_interleave(factor, -1)
+
+
 def png_bytes(image: torch.Tensor) -> bytes:
     "Returns an image tensor `3 x H x W` in `[0, 1]` as the bytes of a PNG file."
     import io
@@ -280,9 +325,9 @@ class SearchResult:
                 write(png, png_bytes(c.image))
             if c.latent is not None and latents:
                 write(lat, latent_bytes(c.latent))
-        for name, cand in (("best", self.best), ("baseline", self.baseline)):
+        for name, cand in (("best", self.best), ("baseline", self.baseline)):  # for a person: small ones upscaled
             if cand is not None and cand.image is not None:
-                write(folder / f"{name}.png", png_bytes(cand.image))
+                write(folder / f"{name}.png", png_bytes(viewable(cand.image)))
         text = json.dumps(self.to_dict(), indent=1, default=str)
         _atomic_write(folder / "result.json", lambda p: p.write_text(text, encoding="utf-8"))
         return folder

@@ -10,7 +10,7 @@ import numbers
 
 # %% auto #0
 __all__ = ['NoiseoptError', 'ConfigError', 'UnknownNameError', 'PromptError', 'ModelNotFoundError', 'UnsupportedModelError',
-           'SchedulerError', 'BudgetError', 'shorten', 'whole_number']
+           'SchedulerError', 'BudgetError', 'Interrupted', 'shorten', 'whole_number']
 
 # %% ../nbs/00b_errors.ipynb #e0a1b2c6
 class NoiseoptError(Exception):
@@ -46,6 +46,24 @@ class SchedulerError(NoiseoptError, ValueError):
 
 class BudgetError(NoiseoptError, ValueError):
     "A budget is too small for the work asked of it, or would be overspent."
+
+
+class Interrupted(KeyboardInterrupt):
+    """A search stopped by Ctrl-C, after saving what it had computed: `folder` (or `None`), the `candidates` and NFEs
+    (`spent` of `budget`) of its finished rounds, and the finished `batches` of the round it was in."""
+
+    def __init__(self, folder=None, candidates: int = 0, spent: int = 0, budget: int = 0, batches: int = 0):
+        super().__init__(folder, candidates, spent, budget, batches)
+        self.folder, self.candidates, self.spent, self.budget, self.batches = folder, candidates, spent, budget, batches
+
+    def __str__(self) -> str:
+        if self.folder is None:
+            return "interrupted: nothing was saved (no output folder was given)"
+        if not self.candidates and not self.batches:
+            return f"interrupted before the first batch finished: nothing to keep in {str(self.folder)!r}"
+        kept = f"{self.candidates} candidates ({self.spent} of {self.budget} NFEs)"
+        more = f" and {self.batches} finished batch{'es' if self.batches != 1 else ''} of the next round" if self.batches else ""
+        return f"interrupted: {kept}{more} saved in {str(self.folder)!r}: run the same command again to resume"
 
 
 def shorten(text: str, limit: int = 80) -> str:

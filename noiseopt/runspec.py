@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 from .core import SearchResult, get_dtype
 from .ensemble import Ensemble
-from .errors import ConfigError, whole_number
+from .errors import BudgetError, ConfigError, whole_number
 from .registry import SEARCHES, check_options, factory_options, parse_spec, spec_text
 from .samplers import check_prompt
 from .searches.core import CheckpointStore, another_run, make_search
@@ -67,6 +68,35 @@ def _is_pipeline(obj) -> bool:
 def _whole(value, what: str, minimum: int = 0):
     return None if value is None else whole_number(value, what, minimum)
 
+
+class _Unscored:
+    "A verifier that is never asked: it stands in while a search's smallest budget is worked out."
+    name = "unscored"
+
+    def score(self, images, prompts):
+        raise AssertionError("never called")
+
+
+def _min_budget(algo, steps: int) -> int:
+    """Returns the smallest budget `algo` (a spec or `Search` class) works with at `steps` steps, without a model: the
+    search is made on a stand-in that has only the number of steps (one full sample where that is not enough)."""
+    from types import SimpleNamespace
+
+    plan = SimpleNamespace(num_steps=steps, batch_size=1, restartable=True, nfe=0)
+    try:
+        return max(steps, int(make_search(algo, plan, Ensemble([_Unscored()])).min_budget()))
+    except Exception:  # a search that needs more of its sampler than its steps: every search needs one sample
+        return steps
+
+
+def _check_budget(budget, algo, steps: int | None) -> None:
+    "Raises `BudgetError` for a budget that cannot work, before anything loads."
+    floor = _min_budget(algo, steps) if steps else 1
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < floor:
+        name = algo.split(":")[0] if isinstance(algo, str) else getattr(algo, "algo", "this")
+        per = f" ({steps} per full sample; e.g. {8 * steps} for 8 samples)" if steps else ""
+        raise BudgetError(f"{name} search needs a budget of at least {floor} NFEs{per}, got {budget!r}")
+
 # %% ../nbs/06_runspec.ipynb #c9f74a44
 @dataclass(frozen=True)
 class RunSpec:
@@ -104,13 +134,14 @@ class RunSpec:
     vae_slicing: bool = False
     verifier_device: str | None = None
     offload_verifiers: bool = False
+    threads: int | None = None  # torch's CPU threads (None: noiseopt's default, `core.auto_threads`)
     verifier_how: tuple = ()  # how-options of the verifiers (`HOW_OPTIONS`), as sorted (name, ((key, value), ...)) pairs
     secrets: dict = field(default_factory=dict, repr=False, compare=False)
 
     WHAT = ("prompt", "model", "steps", "guidance", "scheduler", "dtype", "height", "width", "model_options",
             "verifiers", "weights", "ensemble", "algo", "budget", "seed")
     HOW = ("device", "batch_size", "offload", "vae_tiling", "vae_slicing", "verifier_device", "offload_verifiers",
-           "verifier_how")
+           "threads", "verifier_how")
 
     @classmethod
     def from_args(cls, prompt: str, model="shapes", verifiers: Sequence | None = None,
@@ -119,7 +150,7 @@ class RunSpec:
                   scheduler: str | None = None, dtype=None, height: int | None = None, width: int | None = None,
                   device=None, batch_size: int | None = None, verifier_options: dict[str, dict] | None = None,
                   model_options: dict | None = None, verifier_device=None, offload_verifiers: bool = False,
-                  **search_options) -> "RunSpec":
+                  threads: int | None = None, **search_options) -> "RunSpec":
         """Returns the spec of `search_noise`'s arguments, every name and option checked and nothing loaded.
 
         Defaults are made explicit where they can be known without loading: a registered model's steps, guidance,
@@ -207,6 +238,8 @@ class RunSpec:
                 raise ConfigError(f"{len(weights)} weights given for {len(canon)} verifiers: give one per verifier")
         if budget is None and steps is not None:
             budget = 8 * steps
+        if budget is not None:  # checked here, before anything loads
+            _check_budget(budget, algo, steps)
         return cls(prompt=prompt, model=model, steps=_whole(steps, "steps", 1),
                    guidance=None if guidance is None else float(guidance), scheduler=scheduler,
                    dtype=None if dtype is None else str(dtype), height=_whole(height, "height", 1),
@@ -216,7 +249,8 @@ class RunSpec:
                    batch_size=_whole(batch_size, "batch_size", 1), offload=how.get("offload"),
                    vae_tiling=bool(how.get("vae_tiling")), vae_slicing=bool(how.get("vae_slicing")),
                    verifier_device=None if verifier_device is None else str(verifier_device),
-                   offload_verifiers=bool(offload_verifiers), verifier_how=tuple(sorted(verifier_how)), secrets=secrets)
+                   offload_verifiers=bool(offload_verifiers), threads=_whole(threads, "threads", 1),
+                   verifier_how=tuple(sorted(verifier_how)), secrets=secrets)
 
     # --- records ---
     def what(self) -> dict:
@@ -286,13 +320,20 @@ class RunSpec:
                                   ("dtype", self.dtype)) if v is not None}
 
     def build(self, entry=None):
-        "Returns `(sampler, ensemble, search)`, loaded in the order that fails early: prompt, model, then verifiers."
+        """Returns `(sampler, ensemble, search)`, loaded in the order that fails early: every check that needs no
+        weights first (verifier names, options, extras and keys; the prompt; the model's hub or folder), then the
+        model, then the verifiers. Sets torch's CPU threads (`threads`, else noiseopt's default)."""
+        from noiseopt.core import auto_threads, set_threads
+
         entry = self.entry() if entry is None else entry
         options = {name: {**dict(self.verifier_how).get(name, {}), **self.secrets.get(name, {})}
                    for name in {*self.secrets, *dict(self.verifier_how)}}
         loaders = verifier_loaders(entry, self.verifiers, options, device=self.verifier_device or self.device)
         if entry is not None and entry.check_prompt is not None:
             entry.check_prompt(self.prompt)
+        if entry is not None and entry.preflight is not None:
+            entry.preflight()
+        set_threads(self.threads) if self.threads is not None else auto_threads()
         if entry is not None:
             sampler = entry.load_sampler()
         elif _is_pipeline(self.model):
@@ -316,7 +357,7 @@ class RunSpec:
         ensemble = Ensemble(verifiers, weights=self.weights, method=self.ensemble)
         return sampler, ensemble, make_search(self.algo, sampler, ensemble)
 
-    def run(self, out: str | os.PathLike | None = None, progress: bool = False,
+    def run(self, out: str | os.PathLike | None = None, progress: bool | None = None,
             callback: Callable | None = None) -> SearchResult:
         "Builds the run and searches; with `out`, checkpoints there and resumes a run of the same spec found there."
         if out is not None:  # a folder of another run is refused before anything loads
@@ -350,6 +391,8 @@ def verifier_loaders(entry, verifiers: Sequence, options: dict[str, dict] | None
         else:
             factory = VERIFIERS.get(name)
             check_options("verifier", name, factory, opts, VERIFIERS.skip)
+            if callable(getattr(factory, "preflight", None)):  # its checks that need no weights: extras, keys
+                factory.preflight(**opts)
             kw = {"device": device} if "device" in factory_options(factory) else {}
             loaders.append(lambda factory=factory, opts=opts, kw=kw: factory(**kw, **opts))
     return loaders
@@ -364,10 +407,11 @@ def loaded(verifier):
 def search_noise(prompt: str, model="shapes", verifiers: Sequence | None = None, weights: Sequence[float] | None = None,
                  ensemble: str = "rank", algo="random", budget: int | None = None, seed: int = 0,
                  steps: int | None = None, guidance: float | None = None, batch_size: int | None = None, device=None,
-                 dtype=None, scheduler: str | None = None, out: str | os.PathLike | None = None, progress: bool = False,
-                 verifier_options: dict[str, dict] | None = None, model_options: dict | None = None,
-                 verifier_device=None, offload_verifiers: bool = False, callback: Callable | None = None,
-                 height: int | None = None, width: int | None = None, **search_options) -> SearchResult:
+                 dtype=None, scheduler: str | None = None, out: str | os.PathLike | None = None,
+                 progress: bool | None = None, verifier_options: dict[str, dict] | None = None,
+                 model_options: dict | None = None, verifier_device=None, offload_verifiers: bool = False,
+                 callback: Callable | None = None, height: int | None = None, width: int | None = None,
+                 threads: int | None = None, **search_options) -> SearchResult:
     """Returns the result of searching for `prompt`'s best initial noise (`budget` default: 8 samples' worth).
 
     `model` is a registered name (`'shapes'`), a hub id or folder of a diffusers pipeline, a loaded diffusers
@@ -377,11 +421,15 @@ def search_noise(prompt: str, model="shapes", verifiers: Sequence | None = None,
     ...}}`); `model_options` are the model's other options (e.g. `{"offload": "model", "vae_tiling": True}` for a
     diffusers model on one GPU); `verifier_device` puts the verifiers on another device than the model (default:
     the same); `offload_verifiers` keeps them on the CPU except while they score (`OffloadedVerifier`). With `out`,
-    every round is saved there and a run of the same `RunSpec` found there resumes. On a model with an exact
-    checker, the result's report holds its verdicts on the baseline and the best."""
+    every round is saved there (Ctrl-C saves the finished batches of the round in progress) and a run of the same
+    `RunSpec` found there resumes. `progress` (default: where a person watches, a terminal or a notebook) shows a
+    bar; `threads` sets torch's CPU threads (default: half the cores, unless `OMP_NUM_THREADS` or
+    `noiseopt.set_threads` chose). On a model with an exact checker, the result's report holds its verdicts on the
+    baseline and the best."""
     spec = RunSpec.from_args(prompt, model=model, verifiers=verifiers, weights=weights, ensemble=ensemble, algo=algo,
                              budget=budget, seed=seed, steps=steps, guidance=guidance, scheduler=scheduler, dtype=dtype,
                              height=height, width=width, device=device, batch_size=batch_size,
                              verifier_options=verifier_options, model_options=model_options,
-                             verifier_device=verifier_device, offload_verifiers=offload_verifiers, **search_options)
+                             verifier_device=verifier_device, offload_verifiers=offload_verifiers, threads=threads,
+                             **search_options)
     return spec.run(out=out, progress=progress, callback=callback)

@@ -27,8 +27,9 @@ _all_ = ["SCHEDULERS", "RESTARTABLE", "make_scheduler", "Conditioning", "state_l
 # %% auto #0
 __all__ = ['sd15_model', 'sdxl_model', 'sd35_large_model', 'sd35_medium_model', 'flux_dev_model', 'flux_schnell_model',
            'pixart_sigma_model', 'Sampler', 'require_restartable', 'encode_prompt', 'check_prompt', 'load_pipeline',
-           'DiffusersSampler', 'renoise_states', 'FlowMatchSampler', 'ModelEntry', 'diffusers_model', 'model_entry',
-           'SCHEDULERS', 'RESTARTABLE', 'make_scheduler', 'Conditioning', 'state_levels', 'decode_latents']
+           'DiffusersSampler', 'renoise_states', 'FlowMatchSampler', 'ModelEntry', 'check_hub', 'diffusers_model',
+           'model_entry', 'SCHEDULERS', 'RESTARTABLE', 'make_scheduler', 'Conditioning', 'state_levels',
+           'decode_latents']
 
 # %% ../nbs/01_samplers.ipynb #3f666984
 @runtime_checkable
@@ -413,6 +414,36 @@ class ModelEntry:
     check: Callable | None = None  # (image, prompt) -> a verdict with `.passed`: the ground truth no search sees
     check_prompt: Callable[[str], Any] | None = None  # raises PromptError for prompts the model cannot take
     prompt_sets: dict[str, Sequence[str]] = field(default_factory=dict)
+    preflight: Callable[[], None] | None = None  # checks that need no weights (the hub reachable...), run before loading
+
+
+def check_hub(repo: str, what: str = "model", file: str = "model_index.json") -> None:
+    """Raises `ModelNotFoundError` at once, without retries or a download, when the hub repo `repo` can be neither
+    read from the local cache nor fetched: `HF_HUB_OFFLINE` is set, or the hub's host cannot be reached within 1.5 s.
+    Returns where `repo` is a folder, is cached (its `file`), or the hub answers."""
+    import socket
+    from urllib.parse import urlparse
+
+    if Path(str(repo)).expanduser().exists():
+        return
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(str(repo), file), str):
+            return
+    except Exception:  # an id the cache cannot even look up: let the download say what is wrong
+        return
+    fetch = f"download it where there is a network (`hf download {repo}`) and copy the cache folder (HF_HOME)"
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise ModelNotFoundError(f"the {what} {shorten(repo)!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is "
+                                 f"set: unset it to download, or {fetch}")
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=1.5).close()
+    except OSError as e:
+        raise ModelNotFoundError(f"the {what} {shorten(repo)!r} is not in the Hugging Face cache and {url.hostname} "
+                                 f"cannot be reached ({e.strerror or type(e).__name__}): connect to the network, or "
+                                 f"{fetch}") from None
 
 
 def diffusers_model(id_or_path: str | os.PathLike, num_steps: int = 30, guidance_scale: float | None = None,
@@ -429,7 +460,8 @@ def diffusers_model(id_or_path: str | os.PathLike, num_steps: int = 30, guidance
                                                 batch_size=batch_size, scheduler=scheduler, height=height, width=width,
                                                 negative_prompt=negative_prompt, **extra)
 
-    return ModelEntry(name=str(id_or_path), load_sampler=load, default_verifiers=("clip",))
+    return ModelEntry(name=str(id_or_path), load_sampler=load, default_verifiers=("clip",),
+                      preflight=lambda: check_hub(str(id_or_path)))
 
 
 def _hub_model(repo: str, **defaults) -> Callable[..., ModelEntry]:

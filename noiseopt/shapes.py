@@ -88,8 +88,10 @@ def parse(text: str) -> Spec:
         if construction == "two":
             return Spec("two", ((g[0], g[1]), (g[2], g[3])))
         return Spec("relation", ((g[0], g[1]), (g[3], g[4])), relation=g[2])
+    _and = lambda words: ", ".join(list(words)[:-1]) + " and " + list(words)[-1]  # noqa: E731
     raise PromptError(
-        f"{shorten(text)!r} is not a caption of the shapes world: it knows {', '.join(COLORS)} {', '.join(SHAPES)}s, "
+        f"{shorten(text)!r} is not a caption of the shapes world, whose colours are {_and(COLORS)} and whose shapes "
+        f"are {_and(SHAPES)}: "
         "e.g. 'a red circle', 'a blue square on the left', 'a red circle and a green triangle', "
         "'a yellow circle above a blue square', 'two green triangles'")
 

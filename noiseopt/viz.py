@@ -134,8 +134,17 @@ def image_grid(images, titles: Sequence[str] | None = None, scores: Sequence[dic
     n = max(1, len(images))
     ncols = min(n, ncols or 8)
     nrows = -(-n // ncols)
-    lines = 1 + (len(scores[0]) if scores else 0) + (1 if verdicts is not None else 0)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, (size + 0.16 * lines) * nrows), squeeze=False)
+    texts = []
+    for k in range(len(images)):
+        passed = verdicts[k] if verdicts is not None else None
+        text = [titles[k]] if titles else []
+        text += [f"{name} {v:.3g}" for name, v in (scores[k] if scores else {}).items()]
+        text += [_verdict_text(passed)] if passed is not None else []
+        texts.append("\n".join(text))
+    lines = max([t.count("\n") + 1 for t in texts if t] or [0])  # the title lines of each row's tallest title
+    # constrained layout keeps every title clear of the row above it, however many lines it has
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, (size + 0.14 * lines + 0.1) * nrows), squeeze=False,
+                             layout="constrained")
     for k, ax in enumerate(axes.flat):
         ax.set_xticks([])
         ax.set_yticks([])
@@ -143,15 +152,10 @@ def image_grid(images, titles: Sequence[str] | None = None, scores: Sequence[dic
             ax.axis("off")
             continue
         ax.imshow(_hwc(images[k]), interpolation="nearest")
-        passed = verdicts[k] if verdicts is not None else None
-        _frame(ax, passed)
-        text = [titles[k]] if titles else []
-        text += [f"{name} {v:.3g}" for name, v in (scores[k] if scores else {}).items()]
-        text += [_verdict_text(passed)] if passed is not None else []
-        ax.set_title("\n".join(text), fontsize=7)
+        _frame(ax, verdicts[k] if verdicts is not None else None)
+        ax.set_title(texts[k], fontsize=7)
     if suptitle:
         fig.suptitle(suptitle, fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()) if suptitle else None)
     return fig
 
 

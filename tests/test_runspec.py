@@ -245,7 +245,8 @@ def test_a_model_entry_is_a_model_with_its_own_verifiers():
         noiseopt.search_noise(PROMPT, model=model_entry("shapes"), steps=10)
 
 
-def test_option_values_with_commas_and_quotes_survive_the_spec():
+def test_option_values_with_commas_and_quotes_survive_the_spec(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")  # the judge's key is checked with its other options, before loading
     rubric = 'Rate 0-100, be strict: say "why"'
     s = spec(verifiers=["clip", "gpt"], verifier_options={"gpt": {"rubric": rubric, "mode": "yesno"}})
     gpt = s.verifiers[1]

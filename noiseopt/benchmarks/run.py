@@ -220,6 +220,8 @@ def add_bench_arguments(p) -> None:
     p.add_argument("--perf", action="store_true", help="measure the framework's own cost instead (perf.md, perf.json)")
     p.add_argument("--perf-real", default="sdxl", help="--perf: real-size model for verifier costs in NFEs, or none")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (default: half the usable cores, at least 1; OMP_NUM_THREADS, where set, wins)")
 
 
 def bench_command(args) -> int:
@@ -264,7 +266,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      "against NFEs on a prompt set, with the reference table at each budget.")
     add_bench_arguments(parser)
     try:
-        return bench_command(parser.parse_args(argv))
+        args = parser.parse_args(argv)
+        from noiseopt.core import auto_threads, set_threads
+
+        set_threads(args.threads) if args.threads is not None else auto_threads()
+        return bench_command(args)
     except NoiseoptError as e:
         print(f"noiseopt: error: {e}", file=sys.stderr)
         return 2

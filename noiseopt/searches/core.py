@@ -6,9 +6,11 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +21,13 @@ import torch
 from ..core import (Budget, Candidate, SearchResult, _atomic_write, candidate_files, is_final,  # noqa: F401
                            latent_bytes, png_bytes, read_candidate_files)
 from ..ensemble import Ensemble
-from ..errors import BudgetError, ConfigError, whole_number
+from ..errors import BudgetError, ConfigError, Interrupted, whole_number
 from ..registry import SEARCHES, factory_options
 from ..samplers import check_prompt, require_restartable
 
 # %% auto #0
 __all__ = ['derive_seed', 'noise_key', 'Run', 'RunRecord', 'search_state', 'state_to_json', 'state_from_json', 'another_run',
-           'CheckpointStore', 'Search', 'make_search']
+           'CheckpointStore', 'Search', 'watched', 'make_search']
 
 # %% ../../nbs/searches/00_core.ipynb #52c9c38a
 def derive_seed(seed: int, k: int) -> int:
@@ -58,6 +60,12 @@ class Run:
     extra_nfe: int = 0  # NFEs counted by another sampler (the more-steps baseline's longer schedule)
     cond: Any = None  # the prompt's conditioning: recomputed on resume, never stored
     t0: float = field(default_factory=time.perf_counter)
+    # the finished batches of the round in progress (kept by Ctrl-C), those a resumed round may reuse, the batched
+    # calls of this round so far, and the NFEs reused instead of recomputed (which the sampler did not count again)
+    batches: dict = field(default_factory=dict, repr=False)
+    reuse: dict = field(default_factory=dict, repr=False)
+    calls: int = 0
+    reused_nfe: int = 0
 
     def next_seeds(self, n: int) -> list[int]:
         "Returns `n` fresh seeds derived from the run's seed."
@@ -183,14 +191,21 @@ def another_run(folder, differences: Sequence[str]) -> ConfigError:
 class CheckpointStore:
     "An output folder a search appends each round's new candidates to, with a small JSON state; no pickle."
     STATE, STATE_TENSORS, RECORDS = "state.json", "state.safetensors", "candidates.jsonl"
+    BATCHES, BATCH_TENSORS = "batches.json", "batches.safetensors"  # the finished batches of an interrupted round
 
     @classmethod
     def saved_spec(cls, folder: str | os.PathLike) -> dict | None:
         "Returns the `RunSpec` record of the run saved in `folder` (reading nothing else), or `None` if there is none."
+        return cls.saved_meta(folder).get("spec")
+
+    @classmethod
+    def saved_meta(cls, folder: str | os.PathLike) -> dict:
+        "Returns the state record of the run saved in `folder` (its candidates, NFEs spent, spec...), or `{}`."
         try:
-            return json.loads((Path(folder) / cls.STATE).read_text(encoding="utf-8")).get("spec")
-        except (OSError, ValueError, AttributeError):
-            return None  # no run, or an unreadable one: `load` says which
+            meta = json.loads((Path(folder) / cls.STATE).read_text(encoding="utf-8"))
+            return meta if isinstance(meta, dict) else {}
+        except (OSError, ValueError):
+            return {}  # no run, or an unreadable one: `load` says which
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
@@ -225,8 +240,40 @@ class CheckpointStore:
 
         tensors: dict[str, torch.Tensor] = {}
         meta = {**meta, "state": state_to_json(state, tensors)}
-        self._write(self.folder / self.STATE_TENSORS, save(tensors) if tensors else b"")
+        if tensors:
+            self._write(self.folder / self.STATE_TENSORS, save(tensors))
+        else:  # a state without tensors leaves no empty file (nor a stale one of an earlier round)
+            (self.folder / self.STATE_TENSORS).unlink(missing_ok=True)
         self._write(self.folder / self.STATE, json.dumps(meta, indent=1, default=str).encode())
+        self.drop_batches()  # the round they belonged to is saved whole
+
+    def save_batches(self, rounds: int, batches: dict) -> None:
+        "Writes the finished batches of round `rounds + 1` (interrupted): `{key: {'digest', 'out', 'nfe'}}`."
+        from safetensors.torch import save
+
+        if not batches:
+            return
+        tensors = {k: b["out"].detach().to("cpu").contiguous() for k, b in batches.items()}
+        meta = {"rounds": rounds, "batches": {k: {"digest": b["digest"], "nfe": b["nfe"]} for k, b in batches.items()}}
+        self._write(self.folder / self.BATCH_TENSORS, save(tensors))
+        self._write(self.folder / self.BATCHES, json.dumps(meta, indent=1).encode())
+
+    def load_batches(self, rounds: int) -> dict:
+        "Returns the finished batches saved for the round after `rounds` (none if they belong to another round)."
+        from safetensors.torch import load
+
+        try:
+            meta = json.loads((self.folder / self.BATCHES).read_text(encoding="utf-8"))
+            if meta["rounds"] != rounds:
+                return {}
+            tensors = load((self.folder / self.BATCH_TENSORS).read_bytes())
+            return {k: {**b, "out": tensors[k]} for k, b in meta["batches"].items()}
+        except (OSError, ValueError, KeyError, TypeError):
+            return {}  # none kept, or unreadable: the round is recomputed
+
+    def drop_batches(self) -> None:
+        for name in (self.BATCHES, self.BATCH_TENSORS):
+            (self.folder / name).unlink(missing_ok=True)
 
     def load(self) -> tuple[dict, Any, list[Candidate]] | None:
         "Returns `(meta, state, candidates)` saved here, or `None` if no run was saved."
@@ -237,7 +284,8 @@ class CheckpointStore:
             return None
         try:
             meta = json.loads(path.read_text(encoding="utf-8"))
-            raw = (self.folder / self.STATE_TENSORS).read_bytes()
+            tensor_file = self.folder / self.STATE_TENSORS
+            raw = tensor_file.read_bytes() if tensor_file.is_file() else b""
             state = state_from_json(meta.pop("state"), load(raw) if raw else {})
             n = meta["candidates"]
             records = self.folder / self.RECORDS
@@ -310,16 +358,36 @@ class Search:
         seeds = run.next_seeds(n)
         return seeds, self.sampler.noise(seeds)
 
-    def batched(self, fn: Callable, x: torch.Tensor, keys: Sequence[int]) -> torch.Tensor:
-        "Returns `fn(x_batch, keys_batch)` over batches of `batch_size`, concatenated."
-        return torch.cat([fn(x[i : i + self.batch_size], list(keys[i : i + self.batch_size]))
-                          for i in range(0, len(x), self.batch_size)])
+    def batched(self, fn: Callable, x: torch.Tensor, keys: Sequence[int], run: Run | None = None) -> torch.Tensor:
+        """Returns `fn(x_batch, keys_batch)` over batches of `batch_size`, concatenated.
+
+        With `run`, each finished batch is kept until its round is saved, so that Ctrl-C saves it and the resumed
+        round reuses it: a batch is reused only for the same input (by digest), and the NFEs it cost are counted once."""
+        if run is None:
+            return torch.cat([fn(x[i : i + self.batch_size], list(keys[i : i + self.batch_size]))
+                              for i in range(0, len(x), self.batch_size)])
+        outs, call = [], run.calls
+        run.calls += 1
+        for i in range(0, len(x), self.batch_size):
+            xb, kb = x[i : i + self.batch_size], list(keys[i : i + self.batch_size])
+            key, digest = f"{call}/{i}", _digest(xb, kb)
+            kept = run.reuse.pop(key, None)
+            if kept is not None and kept["digest"] == digest:
+                out, nfe = kept["out"].to(xb.device), kept["nfe"]
+                run.reused_nfe += nfe
+            else:
+                before = getattr(self.sampler, "nfe", 0)
+                out = fn(xb, kb)
+                nfe = getattr(self.sampler, "nfe", 0) - before
+            run.batches[key] = {"digest": digest, "out": out, "nfe": nfe}
+            outs.append(out)
+        return torch.cat(outs)
 
     def sample(self, run: Run, x: torch.Tensor, chains, parents=None, **info) -> list[int]:
         "Samples initial noises `x` fully (charged `K` NFEs each), scores and records them; returns their indices."
         run.charge(len(x) * self.steps)
         latents = self.batched(lambda xb, kb: self.sampler.denoise(xb, run.cond, seeds=kb), x,
-                               [noise_key(c) for c in chains])
+                               [noise_key(c) for c in chains], run)
         return run.record.add(run, self.sampler.decode(latents), chains, self.steps, self.steps, parents, latents, **info)
 
     def sample_baseline(self, run: Run, seed: int) -> int:
@@ -353,6 +421,11 @@ class Search:
                   record=RunRecord(self.ensemble, result, self.steps))
         store = CheckpointStore(out) if out is not None else None
         saved = self._resume(store, run) if store is not None else 0
+        progress = watched() if progress is None else bool(progress)
+        if saved and progress:
+            print(f"resuming the run in {str(store.folder)!r}: {saved} candidates and {run.budget.spent} of "
+                  f"{run.budget.total} NFEs done in {run.rounds} rounds"
+                  + (f", {len(run.reuse)} finished batches of the next round kept" if run.reuse else ""), file=sys.stderr)
         run.cond = self.sampler.condition(prompt)
         nfe_start = self.sampler.nfe - (run.budget.spent + run.record.result.baseline_nfe - run.extra_nfe)
         bar = _progress(progress, run, self.algo)
@@ -363,12 +436,18 @@ class Search:
             while run.state is not None:
                 run.state = self.advance(run, run.state)
                 saved = self._round_done(store, run, saved, bar, callback)
+        except KeyboardInterrupt:  # Ctrl-C: what was computed is kept, down to the finished batches of this round
+            if store is None:
+                raise Interrupted() from None
+            store.save_batches(run.rounds, run.batches)
+            raise Interrupted(store.folder, saved, int(CheckpointStore.saved_meta(store.folder).get("spent", 0)),
+                              run.budget.total, len(run.batches)) from None
         finally:
             if bar is not None:
                 bar.close()
         res = self.finish(run, checker)
-        # the budget's account and the sampler's counter agree, NFE for NFE
-        counted = self.sampler.nfe - nfe_start
+        # the budget's account and the sampler's counter agree, NFE for NFE (reused batches were counted when made)
+        counted = self.sampler.nfe - nfe_start + run.reused_nfe
         assert counted == res.nfe + res.baseline_nfe - run.extra_nfe, (counted, res.nfe, res.baseline_nfe)
         if store is not None:
             res.save(out, candidate_images=False)  # the store wrote each candidate's image when it was made
@@ -376,6 +455,7 @@ class Search:
 
     def _round_done(self, store, run: Run, saved: int, bar, callback) -> int:
         run.rounds += 1
+        run.batches, run.reuse, run.calls = {}, {}, 0  # the round is whole: its batches need no keeping
         if store is not None:
             res = run.record.result
             store.append(res.candidates[saved:], saved)
@@ -403,6 +483,7 @@ class Search:
         run.budget = Budget(run.budget.total, meta["spent"], meta["cap"])
         run.counter, run.rounds, run.extra_nfe, run.state = meta["counter"], meta["rounds"], meta["extra_nfe"], state
         run.t0 = time.perf_counter() - meta["wall_time"]
+        run.reuse = store.load_batches(run.rounds)
         return len(cands)
 
     @staticmethod
@@ -443,6 +524,28 @@ def _verdict(v) -> dict:
     "Returns a checker's verdict as JSON-ready fields (`passed` first)."
     fields = {k: val for k, val in vars(v).items() if isinstance(val, (bool, int, float, str, type(None)))}
     return {"passed": bool(v.passed), **fields}
+
+
+def watched() -> bool:
+    """Whether a person is likely watching: standard error is a terminal, or this runs in a Jupyter or Colab kernel
+    (where tqdm draws a widget). `TQDM_DISABLE=1` says no."""
+    if os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes"):
+        return False
+    try:
+        if sys.stderr.isatty():
+            return True
+    except (AttributeError, ValueError):
+        pass
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return type(shell).__name__ in ("ZMQInteractiveShell", "Shell")  # Jupyter's kernel, Colab's
+
+
+def _digest(x: torch.Tensor, keys: Sequence[int]) -> str:
+    "Returns a digest of a batch's input and keys: a kept batch is reused only for the same input."
+    h = hashlib.sha256(json.dumps([list(x.shape), str(x.dtype), [int(k) for k in keys]]).encode())
+    h.update(x.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _progress(enabled: bool, run: Run, algo: str):

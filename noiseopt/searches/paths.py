@@ -84,7 +84,7 @@ class PathSearch(Search):
         run.charge(N * s)
         chains = [list(c) for c in chains]
         keys = [noise_key(c) for c in chains]
-        x = self.batched(lambda xb, kb: self.sampler.denoise(xb, run.cond, 0, s, seeds=kb), x, keys)
+        x = self.batched(lambda xb, kb: self.sampler.denoise(xb, run.cond, 0, s, seeds=kb), x, keys, run)
         return PathState(x, chains, keys, list(parents), s)
 
     def begin(self, run):
@@ -99,7 +99,7 @@ class PathSearch(Search):
         cost = N * M * (j - i + self.forward) + (N * M if j < K else 0)
         if not run.can_afford(cost + N * (K - j)):  # no room for another round: finish the survivors
             run.charge(N * (K - i))
-            latents = self.batched(lambda xb, kb: self.sampler.denoise(xb, run.cond, i, seeds=kb), state.x, state.keys)
+            latents = self.batched(lambda xb, kb: self.sampler.denoise(xb, run.cond, i, seeds=kb), state.x, state.keys, run)
             run.record.add(run, self.sampler.decode(latents), state.chains, K, K - i, state.parents, latents,
                             finished=True)
             return None
@@ -109,9 +109,9 @@ class PathSearch(Search):
                                     generators_from_seeds(r_seeds))
         chains = [state.chains[k // M] + [r_seeds[k]] for k in range(N * M)]
         keys = list(r_seeds)  # each re-noised copy meets its own per-step noise from here on
-        moved = self.batched(lambda xb, kb: self.sampler.denoise(xb, run.cond, i - self.forward, j, seeds=kb), back, keys)
+        moved = self.batched(lambda xb, kb: self.sampler.denoise(xb, run.cond, i - self.forward, j, seeds=kb), back, keys, run)
         if j < K:
-            x0 = self.batched(lambda xb, kb: self.sampler.predict_x0(xb, run.cond, j, seeds=kb), moved, keys)
+            x0 = self.batched(lambda xb, kb: self.sampler.predict_x0(xb, run.cond, j, seeds=kb), moved, keys, run)
             images = self.sampler.decode(x0)
         else:
             images = self.sampler.decode(moved)

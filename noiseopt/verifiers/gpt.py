@@ -188,6 +188,19 @@ class GPTJudge:
         self.last_details: list[dict] | None = None
         self._checked = False
 
+    @classmethod
+    def preflight(cls, api_key: str | None = None, **options) -> None:
+        """The checks that need no request, made before any model loads: the `openai` package is installed and a key
+        is set (`api_key=` or `OPENAI_API_KEY`)."""
+        import importlib.util
+
+        if importlib.util.find_spec("openai") is None:
+            raise ConfigError('the GPT judge needs the openai package: pip install "noiseopt[openai]" '
+                              "(or pip install openai)")
+        if not (api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")):
+            raise ConfigError("the GPT judge needs an API key: set OPENAI_API_KEY or pass api_key= (for a local "
+                              "server that ignores keys, any value, e.g. OPENAI_API_KEY=EMPTY)")
+
     def __repr__(self) -> str:
         where = self.base_url or "api.openai.com"
         return f"GPTJudge(model={self.model!r}, base_url={where!r}, mode={self.mode!r}, concurrency={self.concurrency})"
