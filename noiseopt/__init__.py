@@ -12,9 +12,13 @@ from .registry import (list_models, list_searches, list_verifiers, register_mode
 
 
 def __getattr__(name: str):
-    "Lazily serves `noiseopt.search_noise`, so that `import noiseopt` imports no model library."
+    "Lazily serves `noiseopt.search_noise` and `noiseopt.set_threads`, so that `import noiseopt` imports no model library."
     if name == "search_noise":
         from noiseopt.runspec import search_noise
 
         return search_noise
+    if name == "set_threads":
+        from noiseopt.core import set_threads
+
+        return set_threads
     raise AttributeError(f"module 'noiseopt' has no attribute {name!r}")

@@ -17,7 +17,7 @@ from .verifier_speed import verifier_speed
 
 
 # %% auto #0
-__all__ = ['perf', 'format_perf']
+__all__ = ['perf', 'format_perf', 'threads_perf', 'format_threads']
 
 # %% ../../nbs/benchmarks/05_perf.ipynb #ced3e1b0
 class _Clock:
@@ -192,4 +192,63 @@ def format_perf(report: dict) -> str:
                   "| verifier | s / image | NFE-equivalents per image |", "| --- | --- | --- |"]
         for v, x in re_["verifiers"].items():
             lines.append(f"| {v} | {x['s_per_image']:.3f} | {x['nfe_equivalents']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+# %% ../../nbs/benchmarks/05_perf.ipynb #d1843130
+_BUSY = "import torch\na = torch.randn(768, 768)\nwhile True:\n    a = (a @ a).tanh()\n"  # a CPU-heavy neighbour
+
+
+def threads_perf(model: str = "shapes", algo: str = "zo", budget: int = 200,
+                 prompt: str = "a red circle left of a blue square", counts: Sequence[int] | None = None,
+                 reps: int = 2, log: Callable | None = None) -> dict:
+    """Returns the seconds of one search at each of `counts` torch threads (default: 1, noiseopt's default and every
+    usable core), idle and beside a CPU-heavy process, each the mean of `reps` interleaved repetitions."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from noiseopt.core import default_threads, usable_cores
+    from noiseopt.runspec import RunSpec
+
+    counts = sorted(set(counts or (1, default_threads(), usable_cores())))
+    spec = RunSpec.from_args(prompt, model=model, algo=algo, budget=budget, threads=counts[0])
+    _, _, search = spec.build()
+    before = torch.get_num_threads()
+
+    def arm(n):
+        def go():
+            torch.set_num_threads(n)
+            search.run(prompt, budget, seed=0, progress=False)
+        return go
+
+    out = {"model": model, "algo": algo, "budget": budget, "prompt": prompt, "cores": usable_cores(),
+           "default": default_threads(), "reps": reps, "seconds": {}}
+    try:
+        for load in ("idle", "busy"):
+            busy = subprocess.Popen([sys.executable, "-c", _BUSY]) if load == "busy" else None
+            try:
+                if log:
+                    log(f"threads: {load}, {counts}")
+                out["seconds"][load] = {str(n): s for n, s in
+                                        _interleaved({n: arm(n) for n in counts}, reps).items()}
+            finally:
+                if busy is not None:
+                    busy.kill()
+                    busy.wait()
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def format_threads(report: dict) -> str:
+    "Returns the threads report as markdown: seconds per search, and each count's time over the fastest's."
+    counts = list(report["seconds"]["idle"])
+    lines = ["# Threads", "", f"{report['algo']} search, {report['budget']} NFEs, {report['model']} model, "
+             f"{report['cores']} usable cores (noiseopt's default: {report['default']}); the mean of "
+             f"{report['reps']} interleaved repetitions in one process.", "",
+             "| machine | " + " | ".join(f"{n} thread{'' if n == '1' else 's'}" for n in counts) + " |", "| --- |" + " --- |" * len(counts)]
+    for load, secs in report["seconds"].items():
+        fastest = min(secs.values())
+        lines.append(f"| {load} | " + " | ".join(f"{secs[n]:.1f} s ({secs[n] / fastest:.2f}x)" for n in counts) + " |")
     return "\n".join(lines) + "\n"

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 from ..errors import ConfigError, NoiseoptError, shorten
 from ..registry import SEARCHES, split_specs
 from .data import _append_rows, _finalize, _flag, _repair, load_prompts, read_results, row_key
-from .perf import format_perf, perf
+from .perf import format_perf, format_threads, perf, threads_perf
 from .tables import format_table, summarize, table_csv
 
 
@@ -219,6 +219,9 @@ def add_bench_arguments(p) -> None:
     p.add_argument("--out", default="noiseopt_bench", help="the folder of results.jsonl, table.md/csv, scaling.png")
     p.add_argument("--perf", action="store_true", help="measure the framework's own cost instead (perf.md, perf.json)")
     p.add_argument("--perf-real", default="sdxl", help="--perf: real-size model for verifier costs in NFEs, or none")
+    p.add_argument("--perf-threads", action="store_true",
+                   help="time one search at 1, the default and every core's threads, idle and beside a CPU-heavy "
+                        "process (threads.md, threads.json)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for torch (default: half the usable cores, at least 1; OMP_NUM_THREADS, where set, wins)")
@@ -230,6 +233,13 @@ def bench_command(args) -> int:
 
     log = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     out = Path(args.out)
+    if args.perf_threads:
+        report = threads_perf(args.model, log=log)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "threads.json").write_text(json.dumps(report, indent=1))
+        (out / "threads.md").write_text(format_threads(report))
+        print(format_threads(report))
+        return 0
     if args.perf:
         report = perf(args.model, real=args.perf_real, log=log)
         out.mkdir(parents=True, exist_ok=True)
