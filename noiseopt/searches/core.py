@@ -425,7 +425,8 @@ class Search:
         if saved and progress:
             print(f"resuming the run in {str(store.folder)!r}: {saved} candidates and {run.budget.spent} of "
                   f"{run.budget.total} NFEs done in {run.rounds} rounds"
-                  + (f", {len(run.reuse)} finished batches of the next round kept" if run.reuse else ""), file=sys.stderr)
+                  + (f", {len(run.reuse)} finished batch{'es' if len(run.reuse) != 1 else ''} of the next round kept"
+                     if run.reuse else ""), file=sys.stderr)
         run.cond = self.sampler.condition(prompt)
         nfe_start = self.sampler.nfe - (run.budget.spent + run.record.result.baseline_nfe - run.extra_nfe)
         bar = _progress(progress, run, self.algo)
