@@ -110,7 +110,7 @@ def cmd_shapes_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_shapes(sub) -> None:
+def _add_shapes(sub) -> list:
     shapes = sub.add_parser("shapes", help="the embedded shapes world: train and evaluate its tiny models",
                             description="The embedded shapes world: train and evaluate its tiny models.")
     ssub = shapes.add_subparsers(dest="shapes_command", metavar="COMMAND", required=True)
@@ -148,6 +148,7 @@ def _add_shapes(sub) -> None:
     ev.add_argument("--json", default=None, help="also write the full report, every sample's scores, to this file")
     ev.add_argument("--no-timing", action="store_true", help="skip the sampling-time measurement")
     ev.set_defaults(func=cmd_shapes_eval)
+    return [tr, ev]
 
 # %% ../nbs/90_cli.ipynb #de848684
 def _floats(text: str | None, what: str) -> list[float] | None:
@@ -197,8 +198,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     try:
         result = spec.run(out=out, progress=not args.quiet)
     except KeyboardInterrupt as e:  # the search saved what it had computed, and says what (`errors.Interrupted`)
-        print(f"noiseopt: {e}" if str(e) else f"noiseopt: interrupted before the search began: nothing to keep in "
-              f"{str(out)!r}", file=sys.stderr)
+        print(f"noiseopt: {e}" if str(e) else f"noiseopt: interrupted outside a search round: what {str(out)!r} "
+              "holds stays there (run the same command again to resume)", file=sys.stderr)
         return 130
     import matplotlib.pyplot as plt
 
@@ -462,10 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep(sub)
     _add_bench_verifiers(sub)
     _add_bench_gpu(sub)
-    _add_shapes(sub)
+    shapes_commands = _add_shapes(sub)
     # every command that computes takes --threads (noiseopt bench has it among the benchmark's own arguments)
-    computing = [sub.choices[n] for n in ("search", "sweep", "bench-verifiers", "bench-gpu")]
-    computing += list(sub.choices["shapes"]._subparsers._group_actions[0].choices.values())
+    computing = [sub.choices[n] for n in ("search", "sweep", "bench-verifiers", "bench-gpu")] + shapes_commands
     for p in computing:
         add_threads_argument(p)
     return parser

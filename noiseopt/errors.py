@@ -62,7 +62,8 @@ class Interrupted(KeyboardInterrupt):
         if not self.candidates and not self.batches:
             return f"interrupted before the first batch finished: nothing to keep in {str(self.folder)!r}"
         kept = f"{self.candidates} candidates ({self.spent} of {self.budget} NFEs)"
-        more = f" and {self.batches} finished batch{'es' if self.batches != 1 else ''} of the next round" if self.batches else ""
+        more = f" and {self.batches} finished batch{'es' if self.batches != 1 else ''} of the round in progress" \
+            if self.batches else ""
         return f"interrupted: {kept}{more} saved in {str(self.folder)!r}: run the same command again to resume"
 
 

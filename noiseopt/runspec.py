@@ -85,8 +85,8 @@ def _min_budget(algo, steps: int) -> int:
     plan = SimpleNamespace(num_steps=steps, batch_size=1, restartable=True, nfe=0)
     try:
         return max(steps, int(make_search(algo, plan, Ensemble([_Unscored()])).min_budget()))
-    except Exception:  # a search that needs more of its sampler than its steps: every search needs one sample
-        return steps
+    except (AttributeError, TypeError, NotImplementedError):  # a search that needs more of its sampler than its steps:
+        return steps  # every search needs one full sample; its own check, once loaded, says the rest
 
 
 def _check_budget(budget, algo, steps: int | None) -> None:
@@ -236,10 +236,12 @@ class RunSpec:
             weights = tuple(float(w) for w in weights)
             if len(weights) != len(canon):
                 raise ConfigError(f"{len(weights)} weights given for {len(canon)} verifiers: give one per verifier")
+        steps = _whole(steps, "steps", 1)
         if budget is None and steps is not None:
             budget = 8 * steps
         if budget is not None:  # checked here, before anything loads
             _check_budget(budget, algo, steps)
+            budget = int(budget)  # a numpy integer too
         return cls(prompt=prompt, model=model, steps=_whole(steps, "steps", 1),
                    guidance=None if guidance is None else float(guidance), scheduler=scheduler,
                    dtype=None if dtype is None else str(dtype), height=_whole(height, "height", 1),
@@ -424,7 +426,9 @@ def search_noise(prompt: str, model="shapes", verifiers: Sequence | None = None,
     every round is saved there (Ctrl-C saves the finished batches of the round in progress) and a run of the same
     `RunSpec` found there resumes. `progress` (default: where a person watches, a terminal or a notebook) shows a
     bar; `threads` sets torch's CPU threads (default: half the cores, unless `OMP_NUM_THREADS` or
-    `noiseopt.set_threads` chose). On a model with an exact checker, the result's report holds its verdicts on the
+    `noiseopt.set_threads` chose; it is the whole process's setting, and a `torch.set_num_threads` call made before
+    noiseopt was imported cannot be told from torch's own default: use `noiseopt.set_threads`). On a model with an
+    exact checker, the result's report holds its verdicts on the
     baseline and the best."""
     spec = RunSpec.from_args(prompt, model=model, verifiers=verifiers, weights=weights, ensemble=ensemble, algo=algo,
                              budget=budget, seed=seed, steps=steps, guidance=guidance, scheduler=scheduler, dtype=dtype,

@@ -419,9 +419,11 @@ class ModelEntry:
 
 def check_hub(repo: str, what: str = "model", file: str = "model_index.json") -> None:
     """Raises `ModelNotFoundError` at once, without retries or a download, when the hub repo `repo` can be neither
-    read from the local cache nor fetched: `HF_HUB_OFFLINE` is set, or the hub's host cannot be reached within 1.5 s.
-    Returns where `repo` is a folder, is cached (its `file`), or the hub answers."""
+    read from the local cache nor fetched: `HF_HUB_OFFLINE` is set, or the hub's host cannot be reached within 1.5 s
+    (name lookup included). Returns where `repo` is a folder, is cached (its `file`), the hub answers, or a proxy is
+    set (the download goes through it: huggingface_hub reports what fails there)."""
     import socket
+    import threading
     from urllib.parse import urlparse
 
     if Path(str(repo)).expanduser().exists():
@@ -437,13 +439,24 @@ def check_hub(repo: str, what: str = "model", file: str = "model_index.json") ->
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         raise ModelNotFoundError(f"the {what} {shorten(repo)!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is "
                                  f"set: unset it to download, or {fetch}")
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=1.5).close()
-    except OSError as e:
+    failure: list[str] = ["no answer within 1.5 s"]
+
+    def probe() -> None:  # in a thread: a name lookup has no timeout of its own
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=1.5).close()
+            failure.clear()
+        except OSError as e:
+            failure[:] = [e.strerror or type(e).__name__]
+
+    worker = threading.Thread(target=probe, daemon=True)
+    worker.start()
+    worker.join(1.5)
+    if failure:
         raise ModelNotFoundError(f"the {what} {shorten(repo)!r} is not in the Hugging Face cache and {url.hostname} "
-                                 f"cannot be reached ({e.strerror or type(e).__name__}): connect to the network, or "
-                                 f"{fetch}") from None
+                                 f"cannot be reached ({failure[0]}): connect to the network, or {fetch}")
 
 
 def diffusers_model(id_or_path: str | os.PathLike, num_steps: int = 30, guidance_scale: float | None = None,

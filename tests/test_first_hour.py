@@ -37,7 +37,7 @@ def test_ctrl_c_keeps_the_finished_batches_of_a_round_and_the_resume_reuses_them
     budget = 60
     full = make_search(algo, StopAt(num_steps=6, batch_size=2), [Red()]).run("a cat", budget, seed=4)
     out = tmp_path / "run"
-    for stop_at in (3, 4, 5, 6, 7, 9):  # stop the same run again and again, at a later batch each time
+    for stop_at in (3, 4, 5, 6, 7, 9, 10**6):  # stop the same run again and again, at a later batch each time
         sampler = StopAt(stop_at, num_steps=6, batch_size=2)
         try:
             res = make_search(algo, sampler, [Red()]).run("a cat", budget, seed=4, out=out, progress=True)
@@ -45,6 +45,8 @@ def test_ctrl_c_keeps_the_finished_batches_of_a_round_and_the_resume_reuses_them
         except Interrupted as e:
             assert e.folder == out and e.budget == budget
             assert not (out / "state.safetensors").exists() or (out / "state.safetensors").stat().st_size > 0
+    else:
+        pytest.fail("the run never finished")
     err = capsys.readouterr().err
     assert "resuming the run in" in err and "of the next round kept" in err, err
     assert [c.scores for c in res.candidates] == [c.scores for c in full.candidates]
@@ -65,6 +67,25 @@ def test_an_interrupt_saves_the_batches_and_says_what_it_kept(tmp_path):
     assert f"{e.value.candidates} candidates" in str(e.value) and "run the same command again" in str(e.value)
     with pytest.raises(Interrupted, match="nothing was saved"):
         make_search("random", StopAt(1, num_steps=6, batch_size=2), [Red()]).run("a cat", 30, seed=4)
+
+
+def test_batches_of_a_first_round_are_kept_for_the_same_run_only(tmp_path, capsys):
+    "A stop inside a search's first round (no state saved yet) used to recompute its finished batches."
+    from noiseopt.errors import ConfigError, Interrupted
+
+    algo, out = "paths:paths=4,per_path=1,start_step=3,forward=2,backward=3", tmp_path / "run"
+    full = StopAt(num_steps=6, batch_size=2)
+    expected = make_search(algo, full, [Red()]).run("a cat", 60, seed=4)
+    with pytest.raises(Interrupted, match="1 finished batch of the round in progress"):
+        make_search(algo, StopAt(3, num_steps=6, batch_size=2), [Red()]).run("a cat", 60, seed=4, out=out)
+    assert not (out / "state.json").exists() and (out / "batches.json").exists()
+    with pytest.raises(ConfigError, match="holds another run"):  # another prompt's batches are never reused
+        make_search(algo, StopAt(num_steps=6, batch_size=2), [Red()]).run("a dog", 60, seed=4, out=out)
+    again = StopAt(num_steps=6, batch_size=2)
+    res = make_search(algo, again, [Red()]).run("a cat", 60, seed=4, out=out, progress=True)
+    assert "1 finished batch of the next round kept" in capsys.readouterr().err
+    assert again.calls == full.calls - 1 and res.report["resumed"]["kept_batches"] == 1  # one batch not recomputed
+    assert [c.scores for c in res.candidates] == [c.scores for c in expected.candidates] and res.nfe == expected.nfe
 
 
 def test_a_finished_run_leaves_no_empty_file(tmp_path):
@@ -112,21 +133,26 @@ def test_the_judge_without_openai_is_refused_before_anything_loads(tmp_path, mon
     import noiseopt
     from noiseopt.errors import ConfigError
 
+    from noiseopt.samplers import ModelEntry
+
+    def never():
+        raise AssertionError("the model loaded before the judge was checked")
+
+    entry = ModelEntry("never", load_sampler=never)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openai" else real(name, *a))
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    t = time.perf_counter()
     with pytest.raises(ConfigError, match=r'pip install "noiseopt\[openai\]"'):
-        noiseopt.search_noise("a red circle", verifiers=["clip", "gpt"], out=tmp_path / "o")
-    assert time.perf_counter() - t < 2 and not (tmp_path / "o").exists()
+        noiseopt.search_noise("a red circle", model=entry, verifiers=["gpt"], budget=30, out=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
     monkeypatch.undo()
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(ConfigError, match="needs an API key"):  # the key, too, is checked before anything loads
-        noiseopt.search_noise("a red circle", verifiers=["clip", "gpt"], out=tmp_path / "o")
+        noiseopt.search_noise("a red circle", model=entry, verifiers=["gpt"], budget=30, out=tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}])
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "https://hub.invalid"}])
 def test_a_hub_model_that_cannot_be_fetched_is_one_line_at_once(tmp_path, env):
     "--model sdxl offline used to take 27 s and 14 lines (five retries and a diffusers warning)."
     proc, seconds = cli("search", "a cat", "--model", "sdxl", "--out", str(tmp_path / "o"),
@@ -137,6 +163,22 @@ def test_a_hub_model_that_cannot_be_fetched_is_one_line_at_once(tmp_path, env):
     from noiseopt.samplers import check_hub
 
     check_hub(str(tmp_path))  # a folder is never looked up
+
+
+def test_the_hub_check_is_quick_and_leaves_proxies_to_the_download(tmp_path, monkeypatch):
+    from noiseopt.errors import ModelNotFoundError
+    from noiseopt.samplers import check_hub
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")  # a name that never resolves
+    for k in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    t = time.perf_counter()
+    with pytest.raises(ModelNotFoundError, match="cannot be reached"):
+        check_hub("org/model")
+    assert time.perf_counter() - t < 2
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    check_hub("org/model")  # through a proxy the download itself says what fails
 
 
 def test_threads_on_every_computing_command_and_a_default_that_leaves_cores_free():
@@ -174,8 +216,9 @@ def test_progress_is_on_where_a_person_watches(monkeypatch):
     assert watched()
     monkeypatch.setenv("TQDM_DISABLE", "1")
     assert not watched()
-    monkeypatch.undo()
-    assert not watched()  # under pytest, standard error is captured: nobody watches
+    monkeypatch.setattr(sys, "stderr", __import__("io").StringIO())  # a log file, a pipe: nobody watches
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    assert not watched()
     import inspect
 
     import noiseopt
@@ -218,3 +261,47 @@ def test_the_shapes_caption_error_reads_as_english():
     with pytest.raises(PromptError) as e:
         parse("a purple hexagon")
     assert "colours are red, green, blue and yellow and whose shapes are circle, square and triangle" in str(e.value)
+
+
+def _first_code_cell(path):
+    import nbformat
+
+    return next(c.source for c in nbformat.read(path, 4).cells if c.cell_type == "code")
+
+
+@pytest.mark.parametrize("nb", ["nbs/tutorials/01_quickstart.ipynb", "nbs/tutorials/04_colab.ipynb"])
+def test_the_tutorials_install_only_what_is_missing_from_a_source_that_exists(nb, monkeypatch, capsys):
+    "The Colab notebook installed from a repository that does not exist, and the quickstart's pip ran under nbconvert."
+    root = Path(__file__).parent.parent
+    cell = _first_code_cell(root / nb)
+    assert "github.com/noiseopt" not in cell and "NOISEOPT_SOURCE" in cell
+    ran = []
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: ran.append(a))
+    exec(compile(cell, nb, "exec"), {})  # noiseopt is installed here: nothing to install
+    assert not ran and "noiseopt 0.0.1" in capsys.readouterr().out
+    hidden = {**sys.modules}
+    monkeypatch.setitem(sys.modules, "noiseopt", None)  # as on a fresh runtime: import noiseopt fails
+    monkeypatch.chdir(Path(__file__).parent)  # a folder without a wheel, and no source named
+    monkeypatch.delenv("NOISEOPT_SOURCE", raising=False)
+    with pytest.raises(RuntimeError, match="no source was found"):
+        exec(compile(cell, nb, "exec"), {})
+    wheel = Path(__file__).parent / "noiseopt-9.9-py3-none-any.whl"
+    monkeypatch.setenv("NOISEOPT_SOURCE", str(wheel))
+    with pytest.raises(ImportError):  # pip "ran" (faked here), then the import is tried again
+        exec(compile(cell, nb, "exec"), {})
+    assert ran and ran[-1][0][-1] == str(wheel)
+    del hidden
+
+
+def test_the_readme_states_the_cpu_choice_first_and_its_demo_shows_a_gain():
+    "The README's first command pulled CUDA torch with the CPU hint after it, and its demo prompt showed no gain."
+    import re
+
+    import noiseopt
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = re.search(r"## Two commands.*?```sh\n(.*?)```", readme, re.S).group(1).splitlines()
+    assert "download.pytorch.org/whl/cpu" in block[0] and block[1].startswith("pip install -e . && noiseopt search")
+    prompt = re.search(r'noiseopt search "([^"]+)"', block[1]).group(1)
+    res = noiseopt.search_noise(prompt, progress=False)  # the command's defaults: random, 8 samples, seed 0
+    assert not res.report["checker"]["baseline"]["passed"] and res.report["checker"]["best"]["passed"]

@@ -123,6 +123,8 @@ def perf(model: str = "shapes", prompt: str | None = None, candidates: int = 32,
 
     entry = model_entry(model)
     prompt = prompt or (next(iter(entry.prompt_sets.values()))[0] if entry.prompt_sets else REFERENCE_PROMPTS[0])
+    if entry.preflight is not None:
+        entry.preflight()
     sampler = entry.load_sampler()
     verifiers = [loaded(load()) for load in verifier_loaders(entry, list(entry.default_verifiers))]
     K, bs = sampler.num_steps, sampler.batch_size
@@ -208,13 +210,13 @@ def threads_perf(model: str = "shapes", algo: str = "zo", budget: int = 200,
 
     import torch
 
-    from noiseopt.core import default_threads, usable_cores
+    from noiseopt.core import _THREADS, default_threads, usable_cores
     from noiseopt.runspec import RunSpec
 
     counts = sorted(set(counts or (1, default_threads(), usable_cores())))
     spec = RunSpec.from_args(prompt, model=model, algo=algo, budget=budget, threads=counts[0])
+    before, chosen = torch.get_num_threads(), _THREADS["chosen"]
     _, _, search = spec.build()
-    before = torch.get_num_threads()
 
     def arm(n):
         def go():
@@ -238,6 +240,7 @@ def threads_perf(model: str = "shapes", algo: str = "zo", budget: int = 200,
                     busy.wait()
     finally:
         torch.set_num_threads(before)
+        _THREADS["chosen"] = chosen  # as it was: this measurement chose nothing for the process
     return out
 
 
@@ -246,7 +249,7 @@ def format_threads(report: dict) -> str:
     counts = list(report["seconds"]["idle"])
     lines = ["# Threads", "", f"{report['algo']} search, {report['budget']} NFEs, {report['model']} model, "
              f"{report['cores']} usable cores (noiseopt's default: {report['default']}); the mean of "
-             f"{report['reps']} interleaved repetitions in one process.", "",
+             f"{report['reps']} interleaved repetition{'s' if report['reps'] != 1 else ''} in one process.", "",
              "| machine | " + " | ".join(f"{n} thread{'' if n == '1' else 's'}" for n in counts) + " |", "| --- |" + " --- |" * len(counts)]
     for load, secs in report["seconds"].items():
         fastest = min(secs.values())

@@ -152,6 +152,8 @@ def benchmark(out: str | os.PathLike, model: str = "shapes", prompts: str | Sequ
     todo = [t for t in todo if t[2]]
     made: list[dict] = []  # this process's rows: also sent to the main process, for machines that share no disk
     if todo:
+        if entry.preflight is not None:  # a hub model that cannot be fetched: one line, before anything loads
+            entry.preflight()
         sampler = entry.load_sampler()
         ens = Ensemble([loaded(load()) for load in search_loaders], method=ensemble)
         eval_ens = Ensemble([loaded(load()) for load in eval_loaders]) if eval_loaders else None

@@ -42,6 +42,8 @@ def _setup(model, verifiers, ensemble: str):
 
     entry = model_entry(model) if isinstance(model, str) else model
     loaders = verifier_loaders(entry, list(verifiers or entry.default_verifiers))
+    if entry.preflight is not None:
+        entry.preflight()
     sampler = entry.load_sampler()
     return sampler, Ensemble([loaded(load()) for load in loaders], method=ensemble), entry.check
 

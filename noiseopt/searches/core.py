@@ -66,6 +66,7 @@ class Run:
     reuse: dict = field(default_factory=dict, repr=False)
     calls: int = 0
     reused_nfe: int = 0
+    keep: bool = False  # whether to keep finished batches (a run with an output folder)
 
     def next_seeds(self, n: int) -> list[int]:
         "Returns `n` fresh seeds derived from the run's seed."
@@ -195,8 +196,15 @@ class CheckpointStore:
 
     @classmethod
     def saved_spec(cls, folder: str | os.PathLike) -> dict | None:
-        "Returns the `RunSpec` record of the run saved in `folder` (reading nothing else), or `None` if there is none."
-        return cls.saved_meta(folder).get("spec")
+        """Returns the `RunSpec` record of the run saved in `folder` (reading nothing else), or `None` if there is none:
+        its state's, else that of the finished batches of a run stopped in its first round."""
+        meta = cls.saved_meta(folder)
+        if not meta:
+            try:
+                meta = json.loads((Path(folder) / cls.BATCHES).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+        return meta.get("spec") if isinstance(meta, dict) else None
 
     @classmethod
     def saved_meta(cls, folder: str | os.PathLike) -> dict:
@@ -242,21 +250,31 @@ class CheckpointStore:
         meta = {**meta, "state": state_to_json(state, tensors)}
         if tensors:
             self._write(self.folder / self.STATE_TENSORS, save(tensors))
-        else:  # a state without tensors leaves no empty file (nor a stale one of an earlier round)
-            (self.folder / self.STATE_TENSORS).unlink(missing_ok=True)
         self._write(self.folder / self.STATE, json.dumps(meta, indent=1, default=str).encode())
+        if not tensors:  # a state without tensors leaves no empty file (nor a stale one of an earlier round)
+            (self.folder / self.STATE_TENSORS).unlink(missing_ok=True)
         self.drop_batches()  # the round they belonged to is saved whole
 
-    def save_batches(self, rounds: int, batches: dict) -> None:
-        "Writes the finished batches of round `rounds + 1` (interrupted): `{key: {'digest', 'out', 'nfe'}}`."
+    def save_batches(self, rounds: int, batches: dict, run_meta: dict | None = None) -> None:
+        """Writes the finished batches of round `rounds + 1` (interrupted): `{key: {'digest', 'out', 'nfe'}}`, with
+        `run_meta` (the run's prompt, settings and spec: a folder with no finished round yet is checked on them)."""
         from safetensors.torch import save
 
         if not batches:
             return
         tensors = {k: b["out"].detach().to("cpu").contiguous() for k, b in batches.items()}
-        meta = {"rounds": rounds, "batches": {k: {"digest": b["digest"], "nfe": b["nfe"]} for k, b in batches.items()}}
+        meta = {**(run_meta or {}), "rounds": rounds,
+                "batches": {k: {"digest": b["digest"], "nfe": b["nfe"]} for k, b in batches.items()}}
         self._write(self.folder / self.BATCH_TENSORS, save(tensors))
         self._write(self.folder / self.BATCHES, json.dumps(meta, indent=1).encode())
+
+    def batches_meta(self) -> dict:
+        "Returns the record of the finished batches saved here (`{}` if none)."
+        try:
+            meta = json.loads((self.folder / self.BATCHES).read_text(encoding="utf-8"))
+            return meta if isinstance(meta, dict) else {}
+        except (OSError, ValueError):
+            return {}
 
     def load_batches(self, rounds: int) -> dict:
         "Returns the finished batches saved for the round after `rounds` (none if they belong to another round)."
@@ -363,7 +381,7 @@ class Search:
 
         With `run`, each finished batch is kept until its round is saved, so that Ctrl-C saves it and the resumed
         round reuses it: a batch is reused only for the same input (by digest), and the NFEs it cost are counted once."""
-        if run is None:
+        if run is None or not run.keep:
             return torch.cat([fn(x[i : i + self.batch_size], list(keys[i : i + self.batch_size]))
                               for i in range(0, len(x), self.batch_size)])
         outs, call = [], run.calls
@@ -420,9 +438,14 @@ class Search:
         run = Run(prompt=prompt, seed=int(seed), budget=Budget(budget), spec=spec,
                   record=RunRecord(self.ensemble, result, self.steps))
         store = CheckpointStore(out) if out is not None else None
+        run.keep = store is not None  # finished batches are kept only where Ctrl-C can save them
         saved = self._resume(store, run) if store is not None else 0
         progress = watched() if progress is None else bool(progress)
-        if saved and progress:
+        if saved or run.reuse:
+            res = run.record.result
+            res.report["resumed"] = {"candidates": saved, "nfe": run.budget.spent, "rounds": run.rounds,
+                                     "kept_batches": len(run.reuse)}
+        if (saved or run.reuse) and progress:
             print(f"resuming the run in {str(store.folder)!r}: {saved} candidates and {run.budget.spent} of "
                   f"{run.budget.total} NFEs done in {run.rounds} rounds"
                   + (f", {len(run.reuse)} finished batch{'es' if len(run.reuse) != 1 else ''} of the next round kept"
@@ -440,7 +463,9 @@ class Search:
         except KeyboardInterrupt:  # Ctrl-C: what was computed is kept, down to the finished batches of this round
             if store is None:
                 raise Interrupted() from None
-            store.save_batches(run.rounds, run.batches)
+            res = run.record.result
+            store.save_batches(run.rounds, run.batches, {"prompt": run.prompt, "settings": res.settings,
+                                                         "spec": run.spec.what() if run.spec is not None else None})
             raise Interrupted(store.folder, saved, int(CheckpointStore.saved_meta(store.folder).get("spent", 0)),
                               run.budget.total, len(run.batches)) from None
         finally:
@@ -473,7 +498,13 @@ class Search:
 
     def _resume(self, store: CheckpointStore, run: Run) -> int:
         loaded = store.load()
-        if loaded is None:
+        if loaded is None:  # no finished round; maybe the finished batches of the first, if they are this run's
+            kept = store.batches_meta()
+            if kept:
+                differ = self._differences(run, {"settings": {}, "prompt": None, **kept})
+                if differ:
+                    raise another_run(store.folder, differ)
+                run.reuse = store.load_batches(0)
             return 0
         meta, state, cands = loaded
         res = run.record.result
