@@ -198,8 +198,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     try:
         result = spec.run(out=out, progress=not args.quiet)
     except KeyboardInterrupt as e:  # the search saved what it had computed, and says what (`errors.Interrupted`)
-        print(f"noiseopt: {e}" if str(e) else f"noiseopt: interrupted outside a search round: what {str(out)!r} "
-              "holds stays there (run the same command again to resume)", file=sys.stderr)
+        from noiseopt.searches.core import CheckpointStore
+
+        kept = "" if CheckpointStore.saved_spec(out) is None else f": what {str(out)!r} holds stays there (run the " \
+            "same command again to resume)"
+        print(f"noiseopt: {e}" if str(e) else f"noiseopt: interrupted outside a search round{kept}", file=sys.stderr)
         return 130
     import matplotlib.pyplot as plt
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 from .core import SearchResult, get_dtype
 from .ensemble import Ensemble
-from .errors import BudgetError, ConfigError, whole_number
+from .errors import BudgetError, ConfigError, SchedulerError, UnsupportedModelError, whole_number
 from .registry import SEARCHES, check_options, factory_options, parse_spec, spec_text
 from .samplers import check_prompt
 from .searches.core import CheckpointStore, another_run, make_search
@@ -85,7 +85,8 @@ def _min_budget(algo, steps: int) -> int:
     plan = SimpleNamespace(num_steps=steps, batch_size=1, restartable=True, nfe=0)
     try:
         return max(steps, int(make_search(algo, plan, Ensemble([_Unscored()])).min_budget()))
-    except (AttributeError, TypeError, NotImplementedError):  # a search that needs more of its sampler than its steps:
+    except (AttributeError, TypeError, NotImplementedError, UnsupportedModelError, SchedulerError):  # a search that
+        # needs more of its sampler than its steps (a wrong option value, a ConfigError, is reported here at once):
         return steps  # every search needs one full sample; its own check, once loaded, says the rest
 
 

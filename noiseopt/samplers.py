@@ -439,9 +439,12 @@ def check_hub(repo: str, what: str = "model", file: str = "model_index.json") ->
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         raise ModelNotFoundError(f"the {what} {shorten(repo)!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is "
                                  f"set: unset it to download, or {fetch}")
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return
+    from urllib.request import getproxies, proxy_bypass
+
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    proxies = getproxies()
+    if (proxies.get(url.scheme) or proxies.get("all")) and not proxy_bypass(url.hostname or ""):
+        return
     failure: list[str] = ["no answer within 1.5 s"]
 
     def probe() -> None:  # in a thread: a name lookup has no timeout of its own
@@ -454,9 +457,10 @@ def check_hub(repo: str, what: str = "model", file: str = "model_index.json") ->
     worker = threading.Thread(target=probe, daemon=True)
     worker.start()
     worker.join(1.5)
-    if failure:
+    reason = list(failure)  # a copy: the probe may still finish while this reads it
+    if reason:
         raise ModelNotFoundError(f"the {what} {shorten(repo)!r} is not in the Hugging Face cache and {url.hostname} "
-                                 f"cannot be reached ({failure[0]}): connect to the network, or {fetch}")
+                                 f"cannot be reached ({reason[0]}): connect to the network, or {fetch}")
 
 
 def diffusers_model(id_or_path: str | os.PathLike, num_steps: int = 30, guidance_scale: float | None = None,

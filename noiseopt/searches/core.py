@@ -67,6 +67,7 @@ class Run:
     calls: int = 0
     reused_nfe: int = 0
     keep: bool = False  # whether to keep finished batches (a run with an output folder)
+    reused_batches: int = 0
 
     def next_seeds(self, n: int) -> list[int]:
         "Returns `n` fresh seeds derived from the run's seed."
@@ -265,8 +266,9 @@ class CheckpointStore:
         tensors = {k: b["out"].detach().to("cpu").contiguous() for k, b in batches.items()}
         meta = {**(run_meta or {}), "rounds": rounds,
                 "batches": {k: {"digest": b["digest"], "nfe": b["nfe"]} for k, b in batches.items()}}
+        text = json.dumps(meta, indent=1, default=str).encode()  # made first: a setting JSON cannot take fails here
         self._write(self.folder / self.BATCH_TENSORS, save(tensors))
-        self._write(self.folder / self.BATCHES, json.dumps(meta, indent=1).encode())
+        self._write(self.folder / self.BATCHES, text)
 
     def batches_meta(self) -> dict:
         "Returns the record of the finished batches saved here (`{}` if none)."
@@ -393,6 +395,7 @@ class Search:
             if kept is not None and kept["digest"] == digest:
                 out, nfe = kept["out"].to(xb.device), kept["nfe"]
                 run.reused_nfe += nfe
+                run.reused_batches += 1
             else:
                 before = getattr(self.sampler, "nfe", 0)
                 out = fn(xb, kb)
@@ -444,12 +447,12 @@ class Search:
         if saved or run.reuse:
             res = run.record.result
             res.report["resumed"] = {"candidates": saved, "nfe": run.budget.spent, "rounds": run.rounds,
-                                     "kept_batches": len(run.reuse)}
+                                     "kept_batches": len(run.reuse), "reused_batches": 0}
         if (saved or run.reuse) and progress:
             print(f"resuming the run in {str(store.folder)!r}: {saved} candidates and {run.budget.spent} of "
                   f"{run.budget.total} NFEs done in {run.rounds} rounds"
-                  + (f", {len(run.reuse)} finished batch{'es' if len(run.reuse) != 1 else ''} of the next round kept"
-                     if run.reuse else ""), file=sys.stderr)
+                  + (f", {len(run.reuse)} finished batch{'es' if len(run.reuse) != 1 else ''} of the round in "
+                     "progress kept" if run.reuse else ""), file=sys.stderr)
         run.cond = self.sampler.condition(prompt)
         nfe_start = self.sampler.nfe - (run.budget.spent + run.record.result.baseline_nfe - run.extra_nfe)
         bar = _progress(progress, run, self.algo)
@@ -464,14 +467,18 @@ class Search:
             if store is None:
                 raise Interrupted() from None
             res = run.record.result
-            store.save_batches(run.rounds, run.batches, {"prompt": run.prompt, "settings": res.settings,
-                                                         "spec": run.spec.what() if run.spec is not None else None})
-            raise Interrupted(store.folder, saved, int(CheckpointStore.saved_meta(store.folder).get("spent", 0)),
-                              run.budget.total, len(run.batches)) from None
+            kept = {**run.reuse, **run.batches}  # kept ones not reached yet stay kept (their digests still decide)
+            store.save_batches(run.rounds, kept, {"prompt": run.prompt, "settings": res.settings,
+                                                  "spec": run.spec.what() if run.spec is not None else None})
+            on_disk = CheckpointStore.saved_meta(store.folder)  # what the folder holds, whatever the stop interrupted
+            raise Interrupted(store.folder, int(on_disk.get("candidates", 0)), int(on_disk.get("spent", 0)),
+                              run.budget.total, len(kept)) from None
         finally:
             if bar is not None:
                 bar.close()
         res = self.finish(run, checker)
+        if "resumed" in res.report:
+            res.report["resumed"]["reused_batches"] = run.reused_batches  # those whose input was the same
         # the budget's account and the sampler's counter agree, NFE for NFE (reused batches were counted when made)
         counted = self.sampler.nfe - nfe_start + run.reused_nfe
         assert counted == res.nfe + res.baseline_nfe - run.extra_nfe, (counted, res.nfe, res.baseline_nfe)
@@ -480,17 +487,18 @@ class Search:
         return res
 
     def _round_done(self, store, run: Run, saved: int, bar, callback) -> int:
-        run.rounds += 1
-        run.batches, run.reuse, run.calls = {}, {}, 0  # the round is whole: its batches need no keeping
+        # saved first, then counted: a Ctrl-C while the round is written still keeps its batches
         if store is not None:
             res = run.record.result
             store.append(res.candidates[saved:], saved)
             meta = {"settings": res.settings, "prompt": run.prompt, "candidates": len(res.candidates),
-                    "spent": run.budget.spent, "cap": run.budget.cap, "counter": run.counter, "rounds": run.rounds,
+                    "spent": run.budget.spent, "cap": run.budget.cap, "counter": run.counter, "rounds": run.rounds + 1,
                     "extra_nfe": run.extra_nfe, "baseline_index": res.baseline_index, "baseline_nfe": res.baseline_nfe,
                     "wall_time": time.perf_counter() - run.t0,
                     "spec": run.spec.what() if run.spec is not None else None}
             store.save_state(meta, run.state)
+        run.rounds += 1
+        run.batches, run.reuse, run.calls = {}, {}, 0  # the round is whole: its batches need no keeping
         _update(bar, run, run.record)
         if callback is not None:
             callback(self, run)
@@ -500,7 +508,9 @@ class Search:
         loaded = store.load()
         if loaded is None:  # no finished round; maybe the finished batches of the first, if they are this run's
             kept = store.batches_meta()
-            if kept:
+            if kept and "prompt" not in kept:  # kept by a version that did not record the run: not reused
+                store.drop_batches()
+            elif kept:
                 differ = self._differences(run, {"settings": {}, "prompt": None, **kept})
                 if differ:
                     raise another_run(store.folder, differ)
