@@ -25,11 +25,11 @@ from .models.core import (FAMILIES, FlowAdapter, RESTARTABLE, SCHEDULERS, Condit
 _all_ = ["SCHEDULERS", "RESTARTABLE", "make_scheduler", "Conditioning", "state_levels", "decode_latents"]
 
 # %% auto #0
-__all__ = ['sd15_model', 'sdxl_model', 'sd35_large_model', 'sd35_medium_model', 'flux_dev_model', 'flux_schnell_model',
-           'pixart_sigma_model', 'Sampler', 'require_restartable', 'encode_prompt', 'check_prompt', 'load_pipeline',
-           'DiffusersSampler', 'renoise_states', 'FlowMatchSampler', 'ModelEntry', 'check_hub', 'diffusers_model',
-           'model_entry', 'SCHEDULERS', 'RESTARTABLE', 'make_scheduler', 'Conditioning', 'state_levels',
-           'decode_latents']
+__all__ = ['REFERENCE_VERIFIERS', 'sd15_model', 'sdxl_model', 'sd35_large_model', 'sd35_medium_model', 'flux_dev_model',
+           'flux_schnell_model', 'pixart_sigma_model', 'Sampler', 'require_restartable', 'encode_prompt',
+           'check_prompt', 'load_pipeline', 'DiffusersSampler', 'renoise_states', 'FlowMatchSampler', 'ModelEntry',
+           'check_hub', 'diffusers_model', 'model_entry', 'SCHEDULERS', 'RESTARTABLE', 'make_scheduler', 'Conditioning',
+           'state_levels', 'decode_latents']
 
 # %% ../nbs/01_samplers.ipynb #3f666984
 @runtime_checkable
@@ -463,6 +463,10 @@ def check_hub(repo: str, what: str = "model", file: str = "model_index.json") ->
                                  f"cannot be reached ({reason[0]}): connect to the network, or {fetch}")
 
 
+#: The reference work's verifiers, ranked together: a diffusers model's default (the shapes world has its own)
+REFERENCE_VERIFIERS = ("aesthetic", "clip", "imagereward")
+
+
 def diffusers_model(id_or_path: str | os.PathLike, num_steps: int = 30, guidance_scale: float | None = None,
                     batch_size: int = 4, scheduler: str | None = None, height: int | None = None, width: int | None = None,
                     negative_prompt: str | None = None, max_sequence_length: int | None = None,
@@ -477,7 +481,7 @@ def diffusers_model(id_or_path: str | os.PathLike, num_steps: int = 30, guidance
                                                 batch_size=batch_size, scheduler=scheduler, height=height, width=width,
                                                 negative_prompt=negative_prompt, **extra)
 
-    return ModelEntry(name=str(id_or_path), load_sampler=load, default_verifiers=("clip",),
+    return ModelEntry(name=str(id_or_path), load_sampler=load, default_verifiers=REFERENCE_VERIFIERS,
                       preflight=lambda: check_hub(str(id_or_path)))
 
 

@@ -21,7 +21,9 @@ def _eligible(result: SearchResult) -> list[int]:
 
 
 def trajectory(result: SearchResult) -> list[dict]:
-    "Returns, after each final candidate, `nfe`, each verifier's best raw score so far (`best`) and the candidate chosen so far (`index`)."
+    """Returns, after each final candidate, `nfe`, the candidate the search would return so far (`index`: the best
+    by the ensemble over the candidates so far) and its raw scores (`chosen`), and each verifier's own best raw score
+    so far (`best`, which may come from another candidate each)."""
     from noiseopt.ensemble import utilities
 
     names = list(result.candidates[0].scores) if result.candidates else []
@@ -33,7 +35,8 @@ def trajectory(result: SearchResult) -> list[dict]:
         table = [[result.candidates[k].scores[n] for n in names] for k in seen]
         util = utilities(table, weights, method)
         best = {n: max(result.candidates[k].scores[n] for k in seen) for n in names}
-        point = {"nfe": c.nfe, "best": best, "index": seen[int(util.argmax())]}
+        index = seen[int(util.argmax())]
+        point = {"nfe": c.nfe, "best": best, "index": index, "chosen": dict(result.candidates[index].scores)}
         if method == "raw":
             point["utility"] = float(util.max())
         out.append(point)
@@ -41,8 +44,10 @@ def trajectory(result: SearchResult) -> list[dict]:
 
 # %% ../nbs/07_viz.ipynb #ea98dc2c
 def plot_trajectory(results, labels: Sequence[str] | None = None):
-    """Returns a matplotlib figure: each verifier's raw score of the best so far against NFEs, one line per result
-    (give one result or several), each baseline dashed in its line's colour; the utility has a panel of its own only
+    """Returns a matplotlib figure: each verifier's raw score of the candidate the search would return at each NFE
+    (the best so far by the ensemble, `trajectory`'s `chosen`), one line per result (give one result or several),
+    each baseline dashed in its line's colour. A verifier's own maximum may belong to a candidate the ensemble would
+    not choose (one that fails the checker, say), so it is not what is drawn. The utility has a panel of its own only
     for the weighted sum of raw scores (`ensemble="raw"`), whose scale does not change along the curve."""
     import matplotlib.pyplot as plt
 
@@ -57,7 +62,7 @@ def plot_trajectory(results, labels: Sequence[str] | None = None):
         xs = [p["nfe"] for p in points]
         for ax, name in zip(axes[0], panels):
             if name in names:
-                ys = [p["best"][name] for p in points]
+                ys = [p["chosen"][name] for p in points]
             elif r.settings.get("ensemble") == "raw":
                 ys = [p["utility"] for p in points]
             else:
@@ -67,7 +72,7 @@ def plot_trajectory(results, labels: Sequence[str] | None = None):
                 ax.axhline(r.baseline.scores[name], color=line.get_color(), linestyle="--", linewidth=0.8)
     for ax, name in zip(axes[0], panels):
         ax.set_xlabel("NFEs spent")
-        ax.set_ylabel(f"{name}: best so far" if name in names else name, fontsize=8)
+        ax.set_ylabel(f"{name} of the chosen so far" if name in names else name, fontsize=8)
         ax.set_title(name, fontsize=9)
         ax.grid(alpha=0.3)
     handles, labs = axes[0][0].get_legend_handles_labels()

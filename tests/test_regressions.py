@@ -89,7 +89,13 @@ def test_the_trajectory_keeps_its_meaning():
         ys = [p["best"][name] for p in points]
         assert ys == sorted(ys) and ys[-1] == max(c.scores[name] for c in res.candidates if c.step == 8)
     assert "utility" not in points[0]  # a mean rank has no panel
-    assert [ax.get_ylabel() for ax in plot_trajectory(res).axes] == ["red: best so far", "bright: best so far"]
+    # drawn: the scores of the candidate the search would return at each NFE, not each verifier's own maximum
+    # (issue 24: a verifier's maximum can belong to a candidate the ensemble does not choose)
+    fig = plot_trajectory(res)
+    assert [ax.get_ylabel() for ax in fig.axes] == ["red of the chosen so far", "bright of the chosen so far"]
+    for ax, name in zip(fig.axes, ("red", "bright")):
+        assert list(ax.lines[0].get_ydata()) == [res.candidates[p["index"]].scores[name] for p in points]
+    assert points[-1]["index"] == res.best_index
     raw = noiseopt.search_noise("a cat", model=ToySampler(), verifiers=[Red(), Bright()], ensemble="raw", budget=40)
     assert [ax.get_ylabel() for ax in plot_trajectory(raw).axes][-1] == "utility (weighted sum)"
 

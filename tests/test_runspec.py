@@ -281,3 +281,17 @@ def test_the_timed_sampler_times_the_longer_schedule():
     timed = _TimedSampler(DiffusersSampler(tiny_sd_pipeline(), num_steps=4), _Clock())
     longer = more_steps(timed, 8)
     assert isinstance(longer, _TimedSampler) and longer.num_steps == 8
+
+
+def test_hub_models_default_to_the_reference_ensemble():
+    "Hub models defaulted to the CLIP score alone, where the reference work ranks aesthetic, CLIP and ImageReward."
+    from noiseopt.samplers import REFERENCE_VERIFIERS, model_entry
+
+    assert REFERENCE_VERIFIERS == ("aesthetic", "clip", "imagereward")
+    for name in ("sdxl", "flux-dev", "pixart-sigma", "org/any-pipeline"):
+        assert model_entry(name).default_verifiers == REFERENCE_VERIFIERS, name
+    s = RunSpec.from_args("a cat", model="sdxl")
+    assert s.verifiers == REFERENCE_VERIFIERS and s.ensemble == "rank" and s.steps == 30
+    flux, pixart = RunSpec.from_args("a cat", model="flux-dev"), RunSpec.from_args("a cat", model="pixart-sigma")
+    assert (flux.steps, flux.guidance, pixart.steps, pixart.guidance) == (30, 3.5, 30, 4.5)  # the reference settings
+    assert model_entry("shapes").default_verifiers == ("clip", "aesthetic")  # the shapes world keeps its own

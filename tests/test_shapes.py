@@ -234,3 +234,18 @@ def test_cli_shapes_eval_and_errors(tmp_path):
         bad = run("noiseopt", *args)
         assert bad.returncode == 2, (args, bad.stderr)
         assert bad.stderr.startswith("noiseopt: error:") and "Traceback" not in bad.stderr
+
+
+def test_the_checkers_scope_as_the_readme_says():
+    "Objects the caption does not name do not fail it; a named object must appear exactly as often as said."
+    import numpy as np
+
+    from noiseopt.shapes import check, parse, render
+
+    rng = np.random.default_rng(0)
+    for k in range(5):
+        pair = render(parse("a red circle and a blue square"), rng)
+        v = check(pair, "a red circle")
+        assert v.passed and v.extra == 1, k
+        two = render(parse("two red squares"), rng)
+        assert check(two, "two red squares").passed and not check(two, "a red square").passed  # one too many
