@@ -263,7 +263,8 @@ def _add_search(sub) -> None:
                         "a diffusers hub id or a pipeline folder")
     p.add_argument("--verifiers", default=None,
                    help=f"comma-separated verifiers with options, e.g. clip:scale=3,aesthetic; registered: "
-                        f"{', '.join(list_verifiers())} (default: the model's, clip,aesthetic on shapes)")
+                        f"{', '.join(list_verifiers())} (default: the model's: clip,aesthetic on shapes; aesthetic,clip,imagereward, "
+                        "the reference ensemble, on diffusers models)")
     p.add_argument("--weights", default=None, help="comma-separated ensemble weights, one per verifier (default equal)")
     p.add_argument("--ensemble", default="rank", choices=("rank", "zscore", "raw"),
                    help="how verifiers combine: mean rank in the pool (default), mean z-score, or weighted raw sum")

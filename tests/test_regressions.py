@@ -79,8 +79,8 @@ def test_the_grid_shows_the_baseline_once():
 
 
 def test_the_trajectory_keeps_its_meaning():
-    "trajectory.png plotted a pool-relative mean rank (its values changed meaning as the pool grew) and each verifier's"
-    "score of the utility-best candidate (which can go down)."
+    "trajectory.png plotted a pool-relative mean rank (its values changed meaning as the pool grew). It then drew each"
+    "verifier's own maximum, which issue 24 reversed on purpose: it draws the scores of the image the search returns."
     from noiseopt.viz import plot_trajectory, trajectory
 
     res = noiseopt.search_noise("a cat", model=ToySampler(), verifiers=[Red(), Bright()], algo="zo", budget=160, seed=4)
@@ -168,3 +168,14 @@ def test_objects_are_accepted_as_verifiers():
     "search_noise(verifiers=[my_verifier]) failed with AttributeError: 'Red' object has no attribute 'strip'."
     res = noiseopt.search_noise("a red circle", verifiers=[Red()], steps=3, budget=6)
     assert res.settings["verifiers"] == ["red"]
+
+
+def test_the_trajectory_chooses_as_the_search_does():
+    "A candidate a verifier failed on (NaN) is chosen only when every one failed, in the trajectory as in the search."
+    from noiseopt.viz import trajectory
+
+    res = noiseopt.search_noise("a cat", model=ToySampler(), verifiers=[Red(), Bright()], algo="random", budget=48)
+    top = trajectory(res)[-1]["index"]
+    assert top == res.best_index
+    res.candidates[top].info["failed"] = ["red"]
+    assert trajectory(res)[-1]["index"] != top  # the search would not return it now
