@@ -294,7 +294,7 @@ def _add_search(sub) -> None:
     p.add_argument("--gpt-mode", default=None, choices=("rubric", "yesno"), help="gpt: rubric score (default) or P(Yes)")
     p.add_argument("--gpt-concurrency", type=int, default=None, help="gpt: requests in flight at most (default 8)")
     p.add_argument("--gpt-cache-dir", default=None, help="gpt: folder caching judgements by content (default none)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, and no line saying where a resumed run starts")
     p.set_defaults(func=cmd_search)
 
 # %% ../nbs/90_cli.ipynb #c1b7d600

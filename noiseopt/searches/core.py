@@ -199,22 +199,21 @@ class CheckpointStore:
     def saved_spec(cls, folder: str | os.PathLike) -> dict | None:
         """Returns the `RunSpec` record of the run saved in `folder` (reading nothing else), or `None` if there is none:
         its state's, else that of the finished batches of a run stopped in its first round."""
-        meta = cls.saved_meta(folder)
-        if not meta:
-            try:
-                meta = json.loads((Path(folder) / cls.BATCHES).read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                return None
-        return meta.get("spec") if isinstance(meta, dict) else None
+        return (cls.saved_meta(folder) or cls._record(folder, cls.BATCHES)).get("spec")
 
     @classmethod
     def saved_meta(cls, folder: str | os.PathLike) -> dict:
         "Returns the state record of the run saved in `folder` (its candidates, NFEs spent, spec...), or `{}`."
+        return cls._record(folder, cls.STATE)
+
+    @staticmethod
+    def _record(folder: str | os.PathLike, name: str) -> dict:
+        "Returns the JSON record `name` in `folder`, or `{}` if there is none or it is unreadable (`load` says which)."
         try:
-            meta = json.loads((Path(folder) / cls.STATE).read_text(encoding="utf-8"))
+            meta = json.loads((Path(folder) / name).read_text(encoding="utf-8"))
             return meta if isinstance(meta, dict) else {}
         except (OSError, ValueError):
-            return {}  # no run, or an unreadable one: `load` says which
+            return {}
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
@@ -272,20 +271,16 @@ class CheckpointStore:
 
     def batches_meta(self) -> dict:
         "Returns the record of the finished batches saved here (`{}` if none)."
-        try:
-            meta = json.loads((self.folder / self.BATCHES).read_text(encoding="utf-8"))
-            return meta if isinstance(meta, dict) else {}
-        except (OSError, ValueError):
-            return {}
+        return self._record(self.folder, self.BATCHES)
 
     def load_batches(self, rounds: int) -> dict:
         "Returns the finished batches saved for the round after `rounds` (none if they belong to another round)."
         from safetensors.torch import load
 
+        meta = self.batches_meta()
+        if meta.get("rounds") != rounds:
+            return {}
         try:
-            meta = json.loads((self.folder / self.BATCHES).read_text(encoding="utf-8"))
-            if meta["rounds"] != rounds:
-                return {}
             tensors = load((self.folder / self.BATCH_TENSORS).read_bytes())
             return {k: {**b, "out": tensors[k]} for k, b in meta["batches"].items()}
         except (OSError, ValueError, KeyError, TypeError):
