@@ -282,6 +282,11 @@ class SearchResult:
     spec: dict[str, Any] = field(default_factory=dict)  # the RunSpec that made it (`RunSpec.to_dict()`), if one did
 
     @property
+    def total_nfe(self) -> int:
+        "All the NFEs the run spent: the search's (`nfe`, within its budget) and a baseline's sampled outside it (`baseline_nfe`)."
+        return int(self.nfe) + int(self.baseline_nfe)
+
+    @property
     def best(self) -> Candidate | None:
         "The best candidate found, or `None` before any was scored."
         return None if self.best_index is None else self.candidates[self.best_index]
@@ -303,7 +308,7 @@ class SearchResult:
     def to_dict(self) -> dict:
         "Returns the JSON-ready record of the result (no tensors)."
         return {"prompt": self.prompt, "algo": self.algo, "nfe": int(self.nfe), "best_index": self.best_index,
-                "baseline_index": self.baseline_index, "baseline_nfe": int(self.baseline_nfe),
+                "baseline_index": self.baseline_index, "baseline_nfe": int(self.baseline_nfe), "total_nfe": self.total_nfe,
                 "wall_time": float(self.wall_time), "settings": self.settings, "report": self.report, "spec": self.spec,
                 "candidates": [c.to_dict() for c in self.candidates]}
 
@@ -341,6 +346,7 @@ class SearchResult:
             raise ConfigError(f"no result.json in {str(folder)!r}: pass a folder written by SearchResult.save")
         d = json.loads(path.read_text(encoding="utf-8"))
         cands = [Candidate.from_dict(c) for c in d.pop("candidates")]
+        d.pop("total_nfe", None)  # derived from the others
         read_candidate_files(folder, cands)
         return cls(candidates=cands, **d)
 

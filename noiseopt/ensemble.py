@@ -12,7 +12,7 @@ import torch
 from .core import ConfigError
 
 # %% auto #0
-__all__ = ['METHODS', 'utilities', 'Ensemble', 'OffloadedVerifier']
+__all__ = ['METHODS', 'utilities', 'order', 'Ensemble', 'OffloadedVerifier']
 
 # %% ../nbs/05_ensemble.ipynb #5ede51d2
 METHODS = ("rank", "zscore", "raw")
@@ -52,6 +52,14 @@ def utilities(table: torch.Tensor, weights: Sequence[float] | None = None, metho
     std = filled.std(0, unbiased=False)
     z = torch.where(std > 0, (filled - filled.mean(0)) / std.clamp(min=1e-12), torch.zeros_like(filled))
     return z @ w / w.sum()
+
+
+def order(table: torch.Tensor, weights: Sequence[float] | None = None, method: str = "rank") -> list[int]:
+    """Returns the rows of a score table best first: by utility, candidates of equal utility by the weighted mean of
+    their z-scores within the pool (how far above the others their raw scores are), and only then the earlier first."""
+    u = utilities(table, weights, method).tolist()
+    z = utilities(table, weights, "zscore").tolist()
+    return sorted(range(len(u)), key=lambda i: (-u[i], -z[i], i))
 
 # %% ../nbs/05_ensemble.ipynb #d5939f4e
 class Ensemble:
@@ -94,6 +102,10 @@ class Ensemble:
     def utility(self, scores) -> torch.Tensor:
         "Returns the utilities of a pool of candidates from their raw scores (a table, or per-candidate dicts)."
         return utilities(scores if isinstance(scores, torch.Tensor) else self.table(scores), self.weights, self.method)
+
+    def order(self, scores) -> list[int]:
+        "Returns the positions of a pool's candidates best first (`order`: utility, then mean z-score, then the first)."
+        return order(scores if isinstance(scores, torch.Tensor) else self.table(scores), self.weights, self.method)
 
     def __repr__(self) -> str:
         return f"Ensemble({self.names}, weights={self.weights}, method={self.method!r})"

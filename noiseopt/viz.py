@@ -23,8 +23,11 @@ def _eligible(result: SearchResult) -> list[int]:
 def trajectory(result: SearchResult) -> list[dict]:
     """Returns, after each final candidate, `nfe`, the candidate the search would return so far (`index`: the best
     by the ensemble over the candidates so far) and its raw scores (`chosen`), and each verifier's own best raw score
-    so far (`best`, which may come from another candidate each)."""
-    from noiseopt.ensemble import utilities
+    so far (`best`, which may come from another candidate each), and the chosen one's `utility` in the pool so far:
+    for a mean-rank ensemble the share of the pool it ranks above (1: best on every verifier), else its utility."""
+    import torch
+
+    from noiseopt.ensemble import order, utilities
 
     names = list(result.candidates[0].scores) if result.candidates else []
     ok = lambda k: not result.candidates[k].info.get("failed")  # noqa: E731  (the search's own rule: a candidate
@@ -34,42 +37,40 @@ def trajectory(result: SearchResult) -> list[dict]:
     for i in _eligible(result):
         seen.append(i)
         c = result.candidates[i]
-        table = [[result.candidates[k].scores[n] for n in names] for k in seen]
+        table = torch.tensor([[result.candidates[k].scores[n] for n in names] for k in seen], dtype=torch.float64)
         util = utilities(table, weights, method)
         best = {n: max(result.candidates[k].scores[n] for k in seen) for n in names}
-        allowed = [j for j, k in enumerate(seen) if ok(k)] or list(range(len(seen)))
-        index = seen[max(allowed, key=lambda j: float(util[j]))]
-        point = {"nfe": c.nfe, "best": best, "index": index, "chosen": dict(result.candidates[index].scores)}
-        if method == "raw":
-            point["utility"] = float(util.max())
-        out.append(point)
+        ranked = order(table, weights, method)  # the search's order: ties broken by the scores
+        j = next((j for j in ranked if ok(seen[j])), ranked[0])
+        u = float(util[j])
+        if method == "rank":
+            u = (u - 1) / (len(seen) - 1) if len(seen) > 1 else 1.0
+        out.append({"nfe": c.nfe, "best": best, "index": seen[j], "chosen": dict(result.candidates[seen[j]].scores),
+                    "utility": u})
     return out
 
 # %% ../nbs/07_viz.ipynb #ea98dc2c
 def plot_trajectory(results, labels: Sequence[str] | None = None):
     """Returns a matplotlib figure: each verifier's raw score of the candidate the search would return at each NFE
     (the best so far by the ensemble, `trajectory`'s `chosen`), one line per result (give one result or several),
-    each baseline dashed in its line's colour. A verifier's own maximum may belong to a candidate the ensemble would
-    not choose (one that fails the checker, say), so it is not what is drawn. The utility has a panel of its own only
-    for the weighted sum of raw scores (`ensemble="raw"`), whose scale does not change along the curve."""
+    each baseline dashed in its line's colour, and the chosen one's utility in the pool so far (`trajectory`'s). A
+    verifier's own maximum may belong to a candidate the ensemble would not choose (one that fails the checker, say),
+    so it is not what is drawn."""
     import matplotlib.pyplot as plt
 
     results = [results] if isinstance(results, SearchResult) else list(results)
     labels = list(labels or [r.algo for r in results])
     names = next((list(r.candidates[0].scores) for r in results if r.candidates), [])
-    raw = any(r.settings.get("ensemble") == "raw" for r in results)
-    panels = names + (["utility (weighted sum)"] if raw else [])
+    methods = {r.settings.get("ensemble", "rank") for r in results}
+    utility = {"rank": "utility (share of the pool below)", "zscore": "utility (mean z-score)",
+               "raw": "utility (weighted sum)"}.get(methods.pop(), "utility") if len(methods) == 1 else "utility"
+    panels = names + [utility]
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(3.6 * max(1, len(panels)), 3.0), squeeze=False)
     for r, label in zip(results, labels):
         points = trajectory(r)
         xs = [p["nfe"] for p in points]
         for ax, name in zip(axes[0], panels):
-            if name in names:
-                ys = [p["chosen"][name] for p in points]
-            elif r.settings.get("ensemble") == "raw":
-                ys = [p["utility"] for p in points]
-            else:
-                continue
+            ys = [p["chosen"][name] if name in names else p["utility"] for p in points]
             line, = ax.step(xs, ys, where="post", marker="o", markersize=2.5, label=label)
             if name in names and r.baseline is not None:
                 ax.axhline(r.baseline.scores[name], color=line.get_color(), linestyle="--", linewidth=0.8)
@@ -369,7 +370,11 @@ class CandidateBrowser:
             raise ConfigError("saving a noise rebuilds it from its seeds: pass the sampler that made the result, "
                               "CandidateBrowser(result, sampler=...)")
         c = self.result.candidates[self.selected if index is None else index]
-        return rebuild_noise(self.sampler, c.seeds, self.result.settings.get("lam", ZO_DEFAULTS["lam"]))
+        settings = self.result.settings
+        lam = settings.get("lam", ZO_DEFAULTS["lam"])
+        if "lam" in settings and "cos" not in settings:  # a result of an older version, whose lam was the cosine
+            lam = (1 - lam**2) ** 0.5
+        return rebuild_noise(self.sampler, c.seeds, lam)
 
     def save_noise(self, path: str | None = None) -> Path:
         "Writes the selected candidate's initial noise (and its latent, where kept) to a safetensors file; returns its path."

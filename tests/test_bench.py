@@ -77,8 +77,8 @@ def test_summary_intervals_and_skips():
     assert p["n"] == 3 and p["search/v"]["mean"] == 3.0 and p["checker"]["mean"] == 2 / 3
     assert s["algos"]["paths"]["points"][0]["needs"] == 50
     table = format_table(s)
-    assert "| ensemble + paths" not in table and "| v + paths | needs >= 50 | 0 |" in table
-    assert "| random noise (1 sample) | 25 | 3 | 0.000 ± 0.000 | 0% [0, 56] |" in table
+    assert "| ensemble + paths" not in table and "| v + paths | needs >= 50 | - | 0 |" in table
+    assert "| random noise (1 sample) | 25 | 25 | 3 | 0.000 ± 0.000 | 0% [0, 56] |" in table
 
 
 def _bench(out, *extra, launcher=(sys.executable, "-m", "noiseopt.bench"), **kw):

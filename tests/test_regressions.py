@@ -88,11 +88,14 @@ def test_the_trajectory_keeps_its_meaning():
     for name in ("red", "bright"):
         ys = [p["best"][name] for p in points]
         assert ys == sorted(ys) and ys[-1] == max(c.scores[name] for c in res.candidates if c.step == 8)
-    assert "utility" not in points[0]  # a mean rank has no panel
+    # the chosen one's utility: for a mean rank, the share of the pool so far it ranks above, in [0, 1]
+    assert all(0 <= p["utility"] <= 1 for p in points) and points[0]["utility"] == 1.0
     # drawn: the scores of the candidate the search would return at each NFE, not each verifier's own maximum
     # (issue 24: a verifier's maximum can belong to a candidate the ensemble does not choose)
     fig = plot_trajectory(res)
-    assert [ax.get_ylabel() for ax in fig.axes] == ["red of the chosen so far", "bright of the chosen so far"]
+    assert [ax.get_ylabel() for ax in fig.axes] == ["red of the chosen so far", "bright of the chosen so far",
+                                                   "utility (share of the pool below)"]
+    assert list(fig.axes[-1].lines[0].get_ydata()) == [p["utility"] for p in points]
     for ax, name in zip(fig.axes, ("red", "bright")):
         assert list(ax.lines[0].get_ydata()) == [res.candidates[p["index"]].scores[name] for p in points]
     assert points[-1]["index"] == res.best_index

@@ -39,33 +39,64 @@ def sampler():
     return DiffusersSampler(tiny_sd_pipeline(), num_steps=10, guidance_scale=3.0, batch_size=4)
 
 
-def searches(sampler, ens):
-    paths = lambda: PathSearch(sampler, ens, paths=2, per_path=2, start_step=4, forward=2, backward=3)  # noqa: E731
-    return [RandomSearch(sampler, ens), ZeroOrderSearch(sampler, ens, neighbors=3, lam=0.8), paths(),
-            CombinedSearch(sampler, ens, neighbors=2, lam=0.8, paths=2, per_path=2, start_step=4, forward=2, backward=3),
-            MoreSteps(sampler, ens)]
+def searches(sampler, ens, **path_options):
+    paths = path_options or dict(paths=2, per_path=2, start_step=4, forward=2, backward=3)
+    return [RandomSearch(sampler, ens), ZeroOrderSearch(sampler, ens, neighbors=3, lam=0.6), PathSearch(sampler, ens, **paths),
+            CombinedSearch(sampler, ens, neighbors=2, lam=0.6, **paths), MoreSteps(sampler, ens)]
 
 
-@pytest.mark.parametrize("budget", [37, 50, 83])
-def test_budgets_are_exact(sampler, budget):
+def toy_sampler():
+    sys.path.insert(0, str(Path(__file__).parent))
+    from toy import ToySampler
+
+    return ToySampler(num_steps=10, batch_size=4)
+
+
+def check_spent(search, sampler, budget):
+    "Runs `search` at `budget`; asserts it spent between `budget - K` and `budget`, every NFE counted once; returns it."
+    K, before = sampler.num_steps, sampler.nfe
+    res = search.run("a cat", budget, seed=3)
+    counted = sampler.nfe - before
+    extra = res.nfe if search.algo == "steps" else 0  # MoreSteps' long schedule counts on its own sampler
+    assert budget - K <= res.nfe <= budget, (search.algo, budget, res.nfe, res.report.get("plan"))
+    assert counted + extra == res.nfe + res.baseline_nfe == res.total_nfe, search.algo
+    assert ("unspent" in res.report) == (res.nfe < budget)
+    assert res.best is not None and res.baseline is not None
+    assert all(c.nfe <= res.nfe for c in res.candidates)
+    return res
+
+
+@pytest.mark.parametrize("which", ["toy", "diffusers"])
+@pytest.mark.parametrize("samples", [1, 2, 8, 32, 80])
+def test_every_search_spends_its_budget(sampler, which, samples):
+    "At 1 to 80 samples' worth, every search (paths and both at their defaults too) spends all but less than a sample."
+    s = toy_sampler() if which == "toy" else sampler
     ens = Ensemble([Bright(), Red()])
-    for search in searches(sampler, ens):
-        before = sampler.nfe
-        res = search.run("a cat", budget, seed=3)
-        counted = sampler.nfe - before
-        extra = res.nfe if search.algo == "steps" else 0  # MoreSteps' long schedule counts on its own sampler
-        assert res.nfe <= budget, search.algo
-        assert counted + extra == res.nfe + res.baseline_nfe, search.algo
-        # it uses the budget up to one unit of its structure: a sample, or for paths one round (N x M re-noised
-        # candidates, each denoised `backward` steps and scored on predict_x0) and one more sample
-        unit = sampler.num_steps
-        if search.algo in ("paths", "both"):
-            p = search if search.algo == "paths" else search.path_search
-            unit = p.paths * p.per_path * (p.backward + 1) + sampler.num_steps
-        assert budget - res.nfe < unit, (search.algo, res.nfe)
-        assert res.best is not None and res.baseline is not None
-        assert all(c.nfe <= res.nfe for c in res.candidates)
-        assert res.baseline_nfe == (sampler.num_steps if search.algo in ("paths", "steps") else 0)
+    budget = samples * s.num_steps
+    for search in searches(s, ens) + [PathSearch(s, ens), CombinedSearch(s, ens)]:
+        res = check_spent(search, s, budget)
+        if search.algo == "paths":
+            assert res.baseline_nfe == (s.num_steps if res.report["plan"]["paths"] else 0)
+        else:
+            assert res.baseline_nfe == (s.num_steps if search.algo == "steps" else 0)
+    for budget in (37, 50, 83):  # budgets that are no multiple of a sample
+        for search in searches(s, ens):
+            check_spent(search, s, budget)
+
+
+def test_the_number_of_paths_grows_with_the_budget(sampler):
+    ens = Ensemble([Bright(), Red()])
+    search = PathSearch(sampler, ens)
+    plans = [search.plan(b * sampler.num_steps) for b in (8, 32, 80)]
+    assert [p["paths"] for p in plans] == sorted(p["paths"] for p in plans) and plans[0]["paths"] < plans[-1]["paths"]
+    for b, p in zip((8, 32, 80), plans):
+        assert b * sampler.num_steps - search.copy_costs()[0] < p["nfe"] <= b * sampler.num_steps
+    # a search given its number of paths keeps it and spends the rest on more copies in the first round
+    fixed = PathSearch(sampler, ens, paths=2).plan(80 * sampler.num_steps)
+    assert fixed["paths"] == 2 and fixed["extra"] > 0
+    # below one path of one copy: best-of-N, and it says so
+    tiny = search.plan(2 * sampler.num_steps)
+    assert tiny["paths"] == 0 and tiny["samples"] == 2 and "best-of-2" in tiny["why"]
 
 
 def test_too_small_budgets_and_bad_settings(sampler):
@@ -78,8 +109,10 @@ def test_too_small_budgets_and_bad_settings(sampler):
         RandomSearch(sampler, ens).run("  ", 20)
     with pytest.raises(ConfigError, match="backward"):
         PathSearch(sampler, ens, start_step=4, forward=2, backward=2)
-    with pytest.raises(ConfigError, match="lam"):
-        ZeroOrderSearch(sampler, ens, lam=1.0)
+    for bad in (dict(lam=0.0), dict(lam=1.5), dict(cos=1.0), dict(lam=0.5, cos=0.5)):
+        with pytest.raises(ConfigError, match="lam|cos"):
+            ZeroOrderSearch(sampler, ens, **bad)
+    assert ZeroOrderSearch(sampler, ens, cos=0.8).lam == pytest.approx(0.6)  # the public implementation's cosine
 
 
 def test_same_seed_same_result(sampler):
@@ -93,13 +126,18 @@ def test_same_seed_same_result(sampler):
             assert c.to_dict()["candidates"] != a.to_dict()["candidates"]
 
 
-def test_neighbors_keep_the_norm_at_cosine_lam():
-    x = torch.randn(3, 4, 8, 8)
-    for lam in (0.0, 0.5, 0.95):
-        y = neighbor(x, torch.randn(3, 4, 8, 8), lam)
+def test_neighbors_keep_the_norm_and_step_lam_away():
+    "The paper's lambda: the step grows with it (the sine of the angle to the pivot; the cosine is sqrt(1 - lam^2))."
+    x, w = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    distances = []
+    for lam in (0.1, 0.6, 1.0):
+        y = neighbor(x, w, lam)
         xf, yf = x.flatten(1).double(), y.flatten(1).double()
         assert torch.allclose(yf.norm(dim=1), xf.norm(dim=1), rtol=1e-5)
-        assert torch.allclose(torch.nn.functional.cosine_similarity(xf, yf), torch.full((3,), lam, dtype=torch.float64), atol=1e-5)
+        cos = torch.nn.functional.cosine_similarity(xf, yf)
+        assert torch.allclose(cos, torch.full((3,), math.sqrt(1 - lam**2), dtype=torch.float64), atol=1e-5)
+        distances.append(float(((yf - xf).norm(dim=1) / xf.norm(dim=1)).mean()))
+    assert distances == sorted(distances) and distances[0] < 0.2 < 1.2 < distances[-1]  # larger lam, larger stride
 
 
 def test_zero_order_moves_or_restarts_by_the_rule(sampler):
@@ -114,17 +152,16 @@ def test_zero_order_moves_or_restarts_by_the_rule(sampler):
         round_ = [k for k in range(i, len(cands)) if cands[k].parent == pivot and not cands[k].info.get("restart")]
         round_ = round_[: search.neighbors]
         assert round_ and round_[0] == i
-        # rebuilt noises sit on the pivot's sphere at cosine lam
+        # rebuilt noises sit on the pivot's sphere at cosine sqrt(1 - lam^2)
         px = rebuild_noise(sampler, cands[pivot].seeds, search.lam).flatten().double()
         for k in round_:
             y = rebuild_noise(sampler, cands[k].seeds, search.lam).flatten().double()
-            assert abs(y.norm() / px.norm() - 1) < 1e-5 and abs(torch.dot(y, px) / px.norm() ** 2 - search.lam) < 1e-5
-        util = ens.utility([cands[k].scores for k in [pivot] + round_])
-        best = int(torch.argmax(util[1:])) + 1
+            assert abs(y.norm() / px.norm() - 1) < 1e-5 and abs(torch.dot(y, px) / px.norm() ** 2 - search.cos) < 1e-5
+        top = [pivot, *round_][ens.order([cands[k].scores for k in [pivot] + round_])[0]]
         i = round_[-1] + 1
-        if util[best] > util[0]:
+        if top != pivot:
             moves += 1
-            pivot = round_[best - 1]
+            pivot = top
             assert i >= len(cands) or not cands[i].info.get("restart")
         elif i < len(cands):
             restarts += 1
@@ -147,7 +184,7 @@ def test_path_search_records(sampler):
     sampler.renoise = spy
     try:
         search = PathSearch(sampler, ens, paths=2, per_path=3, start_step=4, forward=2, backward=3)
-        res = search.run("a cat", 2 * 10 + 2 * 3 * (3 + 1) * 6, seed=1)
+        res = search.run("a cat", search.plan_cost(2, 3), seed=1)  # two paths of three copies, no extra copies
     finally:
         del sampler.renoise
     K = sampler.num_steps
@@ -237,15 +274,14 @@ def test_candidates_record_the_nfes_spent_when_made(sampler):
 
 
 @pytest.mark.parametrize("budget", [44, 60, 90])
-def test_both_leaves_the_paths_a_round(sampler, budget):
+def test_both_leaves_the_paths_a_path(sampler, budget):
     ens = Ensemble([Bright(), Red()])
-    paths = PathSearch(sampler, ens, paths=2, per_path=2, start_step=4, forward=2, backward=3)
-    one_round = paths.one_round_cost()
-    # the cost by hand: 2 paths to step 4, 4 candidates from step 2 to 5 and their x0 NFE, then 2 x 5 steps to finish
-    assert one_round == 2 * 4 + 4 * (5 - 2 + 1) + 2 * 5 == 34
-    res = CombinedSearch(sampler, ens, neighbors=2, lam=0.8, paths=2, per_path=2, start_step=4, forward=2, backward=3,
-                         split=0.75).run("a cat", budget)
+    search = CombinedSearch(sampler, ens, neighbors=2, per_path=2, start_step=4, forward=2, backward=3, split=0.75)
+    least = search.path_search.plan_cost(1, 1, from_start=False)
+    # by hand: one copy re-noised from step 4 to 2, denoised to 5 and scored on x0 (4 NFEs), then 5 more rounds to 10
+    assert least == 4 * 5 + 3 == 23
+    res = search.run("a cat", budget)
     first_round = next(i for i, c in enumerate(res.candidates) if c.step < sampler.num_steps)  # scored on x0: a path round
     zo_spent = res.candidates[first_round - 1].nfe  # the last zero-order candidate (paths record only after a round)
-    assert zo_spent <= budget - one_round and res.nfe <= budget, (zo_spent, res.nfe)
-    assert zo_spent >= min(budget - one_round, int(0.75 * budget)) - sampler.num_steps  # its share, less a sample
+    assert zo_spent <= budget - least and budget - sampler.num_steps <= res.nfe <= budget, (zo_spent, res.nfe)
+    assert zo_spent >= min(budget - least, int(0.75 * budget)) - sampler.num_steps  # its share, less a sample

@@ -13,6 +13,7 @@ class ToySampler:
         self.nfe = 0
         t = torch.linspace(0.98, 0.0, num_steps + 1, dtype=torch.float64)  # noise level of state k
         self.a, self.s = torch.cos(t * math.pi / 2), torch.sin(t * math.pi / 2)
+        self.levels = torch.stack([self.a, self.s], dim=1)  # (a_k, s_k) of state k, as DiffusersSampler gives them
 
     def __repr__(self):
         return f"ToySampler(num_steps={self.num_steps})"

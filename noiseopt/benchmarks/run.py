@@ -19,7 +19,7 @@ from .tables import format_table, summarize, table_csv
 
 
 # %% auto #0
-__all__ = ['search_rows', 'benchmark', 'add_bench_arguments', 'bench_command', 'main']
+__all__ = ['search_rows', 'benchmark', 'spend_table', 'format_spend', 'add_bench_arguments', 'bench_command', 'main']
 
 # %% ../../nbs/benchmarks/02_run.ipynb #645024af
 def _verdicts(check, images, prompt: str) -> list[bool]:
@@ -48,7 +48,8 @@ class _Judges:
 def _row(k: int, prompt: str, algo: str, budget: int, seed: int, res, best: int, nfe: int, judges: _Judges,
          from_trajectory: bool) -> dict:
     base, chosen = res.baseline, res.candidates[best]
-    return {"prompt_index": k, "prompt": prompt, "algo": algo, "budget": budget, "seed": seed, "nfe": int(nfe), "num_steps": int(res.settings["num_steps"]),
+    return {"prompt_index": k, "prompt": prompt, "algo": algo, "budget": budget, "seed": seed, "nfe": int(nfe),
+            "total_nfe": int(nfe) + int(res.baseline_nfe), "num_steps": int(res.settings["num_steps"]),
             "from_trajectory": from_trajectory, "baseline": base.scores, "best": chosen.scores,
             "best_seeds": chosen.seeds, "best_step": chosen.step, **judges.fields(base, chosen, prompt)}
 
@@ -196,6 +197,60 @@ def benchmark(out: str | os.PathLike, model: str = "shapes", prompts: str | Sequ
         plt.close(fig)
     return summary
 
+# %% ../../nbs/benchmarks/02_run.ipynb #4e6c0da7
+def spend_table(model: str = "shapes", algos: Sequence[str] | None = None, samples: Sequence[int] = (1, 2, 8, 32, 80),
+                prompt: str | None = None, seed: int = 0, verifiers=None, ensemble: str = "rank", log=None) -> dict:
+    """Returns what every search spends at budgets of `samples` samples' worth on one prompt (the model's first, by
+    default): the NFEs within the budget, the total with a baseline sampled outside it, and what was left and why."""
+    from noiseopt.benchmarks.sweep import _setup
+    from noiseopt.searches.core import make_search
+    from noiseopt.samplers import model_entry
+
+    sampler, ens, _ = _setup(model, verifiers, ensemble)
+    if prompt is None:
+        entry = model_entry(model) if isinstance(model, str) else model
+        sets = entry.prompt_sets or {}
+        prompt = load_prompts(next(iter(sets)), entry)[1][0] if sets else "a red car"
+    K, rows = sampler.num_steps, []
+    for algo in algos or SEARCHES.ordered():
+        search = make_search(algo, sampler, ens)
+        for n in samples:
+            budget = n * K
+            if budget < search.min_budget():
+                rows.append({"algo": algo, "samples": n, "budget": budget, "skipped": f"needs {search.min_budget()}"})
+                continue
+            res = search.run(prompt, budget, seed=seed)
+            plan = res.report.get("plan", {})
+            rows.append({"algo": algo, "samples": n, "budget": budget, "nfe": res.nfe, "total_nfe": res.total_nfe,
+                         "unspent": res.report.get("unspent", {}).get("nfe", 0), "plan": plan})
+            if log:
+                log(f"{algo} at {budget}: {res.nfe} spent")
+    return {"model": model, "prompt": prompt, "num_steps": K, "seed": seed, "rows": rows}
+
+
+def format_spend(report: dict) -> str:
+    "Returns `spend_table`'s report as markdown: NFEs spent by every search at every budget."
+    K = report["num_steps"]
+    samples = sorted({r["samples"] for r in report["rows"]})
+    algos = list(dict.fromkeys(r["algo"] for r in report["rows"]))
+    lines = [f"NFEs spent of each budget (total with a baseline sampled outside it), {report['model']}, {K} steps, "
+             f"on {report['prompt']!r}, seed {report['seed']}; every search must spend at least budget - {K}.", "",
+             "| search | " + " | ".join(f"{n} x {K} = {n * K}" for n in samples) + " |", "|" + " --- |" * (len(samples) + 1)]
+    for a in algos:
+        cells = []
+        for n in samples:
+            r = next(r for r in report["rows"] if r["algo"] == a and r["samples"] == n)
+            if "skipped" in r:
+                cells.append(r["skipped"])
+                continue
+            plan = r["plan"]
+            how = (f", {plan['paths']} paths x {plan['per_path']}" + (f" + {plan['extra']}" if plan.get("extra") else "")
+                   if plan.get("paths") else f", best-of-{plan['samples']}" if plan.get("samples")
+                   else ", no path fits" if plan else "")
+            cells.append(f"{r['nfe']}" + (f" ({r['total_nfe']})" if r["total_nfe"] != r["nfe"] else "") + how)
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
 # %% ../../nbs/benchmarks/02_run.ipynb #b153b7ef
 def _csv(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
@@ -224,6 +279,10 @@ def add_bench_arguments(p) -> None:
     p.add_argument("--perf-threads", action="store_true",
                    help="time one search at 1, the default and every core's threads, idle and beside a CPU-heavy "
                         "process (threads.md, threads.json)")
+    p.add_argument("--spend", action="store_true",
+                   help="run every search (--algos) at --spend-samples samples' worth on one prompt and tabulate the NFEs "
+                        "each spent (spend.md, spend.json)")
+    p.add_argument("--spend-samples", default="1,2,8,32,80", help="--spend: budgets in samples (default 1,2,8,32,80)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for torch (default: half the usable cores, at least 1; OMP_NUM_THREADS, where set, wins)")
@@ -241,6 +300,14 @@ def bench_command(args) -> int:
         (out / "threads.json").write_text(json.dumps(report, indent=1))
         (out / "threads.md").write_text(format_threads(report))
         print(format_threads(report))
+        return 0
+    if args.spend:
+        report = spend_table(args.model, _csv(args.algos), [int(n) for n in _csv(args.spend_samples)], seed=args.seed,
+                             verifiers=split_specs(args.verifiers or "") or None, ensemble=args.ensemble, log=log)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "spend.json").write_text(json.dumps(report, indent=1))
+        (out / "spend.md").write_text(format_spend(report))
+        print(format_spend(report))
         return 0
     if args.perf:
         report = perf(args.model, real=args.perf_real, log=log)

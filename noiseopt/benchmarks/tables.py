@@ -99,7 +99,8 @@ def summarize(rows: Sequence[dict], title: str = "") -> dict:
             at = [r for r in mine if r["budget"] == b and "skipped" not in r]
             skipped = [r.get("min_budget") for r in mine if r["budget"] == b and "skipped" in r]
             point = {"budget": b, "n": len(at), "needs": skipped[0] if skipped and not at else None,
-                     "nfe": float(np.mean([r["nfe"] for r in at])) if at else None}
+                     "nfe": float(np.mean([r["nfe"] for r in at])) if at else None,
+                     "total_nfe": float(np.mean([r.get("total_nfe", r["nfe"]) for r in at])) if at else None}
             point.update({m["key"]: _stat(at, m, "best") for m in metrics} if at else {})
             points.append(point)
         summary["algos"][a] = {"points": points, "from_trajectory": any(r.get("from_trajectory") for r in mine)}
@@ -127,25 +128,27 @@ def _cell(stat: dict, kind: str) -> str:
 def format_table(summary: dict) -> str:
     "Returns the reference table's form at each budget, as markdown."
     ms, K = summary["metrics"], summary["num_steps"]
-    head = ["method", "NFEs", "prompts"] + [m["label"] for m in ms]
+    head = ["method", "NFEs", "total NFEs", "prompts"] + [m["label"] for m in ms]
     read_off = [a for a, s in summary["algos"].items() if s["from_trajectory"]]
     lines = [f"**{summary['title']}**", "",
              "Means over prompts with their 95% confidence intervals (± : Student's t; [ ] : Wilson, for the "
-             "checker's accuracy). NFEs: the mean spent." +
+             "checker's accuracy). NFEs: the mean the search spent of its budget (what the curves plot); total NFEs: "
+             "with the baseline that paths and more steps sample outside their budget." +
              (f" Read off one run at the largest budget: {', '.join(read_off)}." if read_off else "")]
     base = summary["baseline"]
     for b in summary["budgets"]:
         lines += ["", f"#### budget {b} NFEs" + (f" ({b / K:g} " + ("sample's" if b == K else "samples'") + " worth)" if K else ""), "",
                   "| " + " | ".join(head) + " |", "|" + " --- |" * len(head),
-                  "| random noise (1 sample) | " + f"{K} | {base[ms[0]['key']]['n'] if ms else 0} | " +
+                  "| random noise (1 sample) | " + f"{K} | {K} | {base[ms[0]['key']]['n'] if ms else 0} | " +
                   " | ".join(_cell(base[m["key"]], m["kind"]) for m in ms) + " |"]
         for a, s in summary["algos"].items():
             p = next(p for p in s["points"] if p["budget"] == b)
             if p["n"] == 0:
                 why = f"needs >= {p['needs']}" if p["needs"] else "-"
-                lines.append(f"| {method_label(a, summary)} | {why} | 0 | " + " | ".join("-" for _ in ms) + " |")
+                lines.append(f"| {method_label(a, summary)} | {why} | - | 0 | " + " | ".join("-" for _ in ms) + " |")
                 continue
-            lines.append(f"| {method_label(a, summary)} | {p['nfe']:.0f} | {p['n']} | " +
+            total = p.get("total_nfe")
+            lines.append(f"| {method_label(a, summary)} | {p['nfe']:.0f} | {p['nfe'] if total is None else total:.0f} | {p['n']} | " +
                          " | ".join(_cell(p[m["key"]], m["kind"]) for m in ms) + " |")
     return "\n".join(lines) + "\n"
 
@@ -158,14 +161,17 @@ def table_csv(summary: dict) -> str:
     ms = summary["metrics"]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["budget", "method", "algo", "nfe", "prompts"] + [f"{m['label']} {s}" for m in ms for s in ("mean", "lo", "hi")])
+    w.writerow(["budget", "method", "algo", "nfe", "total_nfe", "prompts"] +
+               [f"{m['label']} {s}" for m in ms for s in ("mean", "lo", "hi")])
     for b in summary["budgets"]:
         base = summary["baseline"]
-        w.writerow([b, "random noise (1 sample)", "baseline", summary["num_steps"], base[ms[0]["key"]]["n"] if ms else 0] +
+        w.writerow([b, "random noise (1 sample)", "baseline", summary["num_steps"], summary["num_steps"],
+                    base[ms[0]["key"]]["n"] if ms else 0] +
                    [f"{base[m['key']][s]:.6g}" for m in ms for s in ("mean", "lo", "hi")])
         for a, s in summary["algos"].items():
             p = next(p for p in s["points"] if p["budget"] == b)
             if p["n"]:
-                w.writerow([b, method_label(a, summary), a, f"{p['nfe']:.1f}", p["n"]] +
+                total = p.get("total_nfe")
+                w.writerow([b, method_label(a, summary), a, f"{p['nfe']:.1f}", f"{p['nfe'] if total is None else total:.1f}", p["n"]] +
                            [f"{p[m['key']][x]:.6g}" for m in ms for x in ("mean", "lo", "hi")])
     return buf.getvalue()

@@ -5,14 +5,14 @@
 # %% ../../nbs/searches/04_both.ipynb #953d3017
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..errors import ConfigError
 from .core import Search, search_state
-from .paths import PATH_DEFAULTS, PathSearch
+from .paths import PATH_DEFAULTS, PathSearch, PathState
 from .zero_order import ZO_DEFAULTS, ZeroOrderSearch, rebuild_noise
 
 
@@ -27,9 +27,12 @@ SPLIT_DEFAULT = 0.5
 @search_state
 @dataclass
 class PhaseState:
-    "The combined search between rounds: which phase runs and that phase's own state."
+    """The combined search between rounds: which phase runs, that phase's own state, and the zero-order candidates'
+    states at the paths' start (`kept`, by candidate index `kept_index`), from which the paths start."""
     phase: str
     inner: Any
+    kept_index: list = field(default_factory=list)
+    kept: Any = None
 
 
 class CombinedSearch(Search):
@@ -37,49 +40,75 @@ class CombinedSearch(Search):
     algo = "both"
     sweep_grid = tuple(dict(split=split) for split in (0.25, 0.5, 0.75))
     needs_restartable = True
+    unit_name = PathSearch.unit_name
 
-    def __init__(self, sampler, ensemble, neighbors: int = ZO_DEFAULTS["neighbors"], lam: float = ZO_DEFAULTS["lam"],
-                 paths: int = PATH_DEFAULTS["paths"], per_path: int = PATH_DEFAULTS["per_path"],
+    def __init__(self, sampler, ensemble, neighbors: int = ZO_DEFAULTS["neighbors"], lam: float | None = None,
+                 cos: float | None = None, paths: int | None = PATH_DEFAULTS["paths"],
+                 per_path: int = PATH_DEFAULTS["per_path"], sigma: float = PATH_DEFAULTS["sigma"],
+                 delta_f: float = PATH_DEFAULTS["delta_f"], delta_b: float = PATH_DEFAULTS["delta_b"],
                  start_step: int | None = None, forward: int | None = None, backward: int | None = None,
                  split: float = SPLIT_DEFAULT, batch_size: int | None = None):
         super().__init__(sampler, ensemble, batch_size)
         if not 0 < split < 1:
             raise ConfigError(f"split is the zero-order share of the budget, in (0, 1); got {split}")
-        self.zero_order = ZeroOrderSearch(sampler, self.ensemble, neighbors, lam, batch_size)
-        self.path_search = PathSearch(sampler, self.ensemble, paths, per_path, start_step, forward, backward, batch_size)
+        self.zero_order = ZeroOrderSearch(sampler, self.ensemble, neighbors, lam, cos, batch_size)
+        self.path_search = PathSearch(sampler, self.ensemble, paths, per_path, sigma, delta_f, delta_b, start_step,
+                                      forward, backward, batch_size)
+        self.zero_order.keep_at = self.path_search.start_step  # zero-order keeps each noise's state where paths start
         self.split = float(split)
-        self.neighbors, self.lam = self.zero_order.neighbors, self.zero_order.lam
+        self.neighbors, self.lam, self.cos = self.zero_order.neighbors, self.zero_order.lam, self.zero_order.cos
         p = self.path_search
-        self.paths, self.per_path, self.start_step, self.forward, self.backward = (
-            p.paths, p.per_path, p.start_step, p.forward, p.backward)
+        self.paths, self.per_path, self.sigma, self.delta_f, self.delta_b = p.paths, p.per_path, p.sigma, p.delta_f, p.delta_b
+        self.start_step, self.forward, self.backward = p.start_step, p.forward, p.backward
 
-    def min_budget(self) -> int:
-        return (self.paths + 1) * self.steps
+    def unit_cost(self) -> int:
+        return self.path_search.unit_cost()
 
     def begin(self, run):
         total, K = run.budget.total, self.steps
-        # the path phase keeps enough for one round where the budget allows it (else it only finishes its paths)
-        one_round = self.path_search.one_round_cost()
-        run.budget.cap = min(max(K, int(self.split * total)), total - (one_round if total - one_round >= K else self.paths * K))
-        return PhaseState("zo", self.zero_order.begin(run))
+        # zero-order gets its share, but leaves the paths at least one path of one copy where the budget allows it
+        least = self.path_search.plan_cost(self.paths or 1, 1, from_start=False)
+        run.budget.cap = min(max(K, int(self.split * total)), total - least) if total - least >= K else total
+        return self._zo(run, self.zero_order.begin(run))
+
+    def _zo(self, run, inner) -> PhaseState:
+        "Returns the zero-order phase's state with the states it keeps (so that a resumed run has them too)."
+        index = sorted(run.kept)
+        return PhaseState("zo", inner, index, torch.cat([run.kept[i] for i in index]) if index else None)
+
+    def hand_over(self, run, state) -> PathState | None:
+        """Starts the paths from zero-order's best distinct noises, ranked over its whole pool now, at the states it
+        kept (no NFE spent again on what it denoised); returns `None` where the rest pays for no path."""
+        if not run.kept and state.kept_index:  # a resumed run: the states come from the checkpoint
+            run.kept = {i: state.kept[k : k + 1] for k, i in enumerate(state.kept_index)}
+        cands = run.record.candidates
+        ranked, seen = [], set()
+        for i in run.record.order(range(len(cands))):
+            if tuple(cands[i].seeds) not in seen:
+                seen.add(tuple(cands[i].seeds))
+                ranked.append(i)
+        from_start = not all(i in run.kept for i in ranked)  # states of an older checkpoint: denoised again
+        plan = self.path_search.plan(run.remaining, most=len(ranked), from_start=from_start)
+        run.record.result.report["plan"] = plan
+        if plan["paths"] == 0:  # what is left goes to fresh noises
+            return self.path_search.best_of(run, plan["samples"])
+        chosen = ranked[: plan["paths"]]
+        chains = [cands[i].seeds for i in chosen]
+        x = torch.cat([rebuild_noise(self.sampler, c, self.lam) for c in chains])
+        states = None if from_start else torch.cat([run.kept[i] for i in chosen]).to(x.device)
+        run.kept = {}
+        return self.path_search.start_from(run, x, chains, chosen, plan, states)
 
     def advance(self, run, state):
         if state.phase == "zo" and state.inner is not None:
+            if not run.kept and state.kept_index:
+                run.kept = {i: state.kept[k : k + 1] for k, i in enumerate(state.kept_index)}
             inner = self.zero_order.advance(run, state.inner)
             if inner is not None:
-                return PhaseState("zo", inner)
+                return self._zo(run, inner)
         if state.phase == "zo":  # zero-order is done: start the paths from its best distinct noises
             run.budget.cap = None
-            cands = run.record.candidates
-            order = sorted(range(len(cands)), key=lambda i: -cands[i].utility)
-            chosen, seen = [], set()
-            for i in order:
-                if tuple(cands[i].seeds) not in seen:
-                    seen.add(tuple(cands[i].seeds))
-                    chosen.append(i)
-            chosen = chosen[: self.paths]
-            chains = [cands[i].seeds for i in chosen]
-            x = torch.cat([rebuild_noise(self.sampler, c, self.lam) for c in chains])
-            return PhaseState("paths", self.path_search.start_from(run, x, chains, chosen))
+            inner = self.hand_over(run, state)
+            return None if inner is None else PhaseState("paths", inner)
         inner = self.path_search.advance(run, state.inner)
         return None if inner is None else PhaseState("paths", inner)

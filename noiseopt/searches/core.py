@@ -36,11 +36,13 @@ def derive_seed(seed: int, k: int) -> int:
 
 
 def noise_key(chain: Sequence[int]) -> int:
-    """Returns the key of a sample's stochastic noise (what stochastic schedulers draw per step): its newest seed.
+    """Returns the key of a sample's stochastic noise (what stochastic schedulers draw per step): its first seed.
 
-    A candidate's `seeds` say how to rebuild its initial noise; its key says which per-step noise it
-    meets. They are kept apart: a path candidate keeps the key of its last re-noising."""
-    return int(chain[-1])
+    A candidate's `seeds` say how to rebuild its initial noise; its key says which per-step noise it meets. Every
+    candidate descended from one fresh noise (a zero-order neighbour, a path's re-noised copy) meets that noise's
+    per-step noise, so that on an ancestral scheduler only what the search changes (the initial noise, the
+    re-noising) differs between a candidate and its origin."""
+    return int(chain[0])
 
 
 @dataclass
@@ -58,6 +60,7 @@ class Run:
     rounds: int = 0
     state: Any = None
     extra_nfe: int = 0  # NFEs counted by another sampler (the more-steps baseline's longer schedule)
+    kept: dict = field(default_factory=dict, repr=False)  # states part-way kept by `Search.sample(keep_at=)`, by index
     cond: Any = None  # the prompt's conditioning: recomputed on resume, never stored
     t0: float = field(default_factory=time.perf_counter)
     # the finished batches of the round in progress (kept by Ctrl-C), those a resumed round may reuse, the batched
@@ -134,13 +137,16 @@ class RunRecord:
         "Returns the utilities of the candidates `indices`, judged as one pool."
         return self.ensemble.utility([self.candidates[i].scores for i in indices])
 
+    def order(self, indices: Sequence[int]) -> list[int]:
+        "Returns `indices` best first, judged as one pool (`Ensemble.order`: utility, then the mean z-score, then the first)."
+        indices = list(indices)
+        return [indices[k] for k in self.ensemble.order([self.candidates[i].scores for i in indices])]
+
     def best(self, indices: Sequence[int] | None = None) -> int:
         "Returns the index of the best of `indices` (default: the eligible ones); a candidate a verifier failed on only if all did."
         indices = self.eligible() if indices is None else list(indices)
-        util = self.utilities(indices)
-        scored = [k for k, i in enumerate(indices) if not self.candidates[i].info.get("failed")]
-        pick = scored or list(range(len(indices)))
-        return indices[pick[int(torch.argmax(util[pick]))]]  # the first of equals: deterministic
+        ranked = self.order(indices)
+        return next((i for i in ranked if not self.candidates[i].info.get("failed")), ranked[0])
 
 # %% ../../nbs/searches/00_core.ipynb #6a1c0e03
 _STATE_TYPES: dict[str, type] = {}
@@ -358,6 +364,13 @@ class Search:
         "The smallest budget this search can work with."
         return self.steps
 
+    #: what `unit_cost` pays for, in words (for `report["unspent"]`)
+    unit_name = "one full sample"
+
+    def unit_cost(self) -> int:
+        "The NFEs of the smallest piece of work the search adds: it spends its budget down to less than this."
+        return self.steps
+
     # --- what a search is made of ---
     def begin(self, run: Run):
         "Starts the search; returns its state (or `None` if there is nothing more to do)."
@@ -399,12 +412,22 @@ class Search:
             outs.append(out)
         return torch.cat(outs)
 
-    def sample(self, run: Run, x: torch.Tensor, chains, parents=None, **info) -> list[int]:
-        "Samples initial noises `x` fully (charged `K` NFEs each), scores and records them; returns their indices."
+    def sample(self, run: Run, x: torch.Tensor, chains, parents=None, keep_at: int | None = None, **info) -> list[int]:
+        """Samples initial noises `x` fully (charged `K` NFEs each), scores and records them; returns their indices.
+
+        With `keep_at`, each sample's state at that step is kept in `run.kept` by its index (in two pieces, the same
+        NFEs and the same result), for a later phase to start from without denoising it again."""
         run.charge(len(x) * self.steps)
-        latents = self.batched(lambda xb, kb: self.sampler.denoise(xb, run.cond, seeds=kb), x,
-                               [noise_key(c) for c in chains], run)
-        return run.record.add(run, self.sampler.decode(latents), chains, self.steps, self.steps, parents, latents, **info)
+        keys = [noise_key(c) for c in chains]
+        if keep_at is None:
+            latents = self.batched(lambda xb, kb: self.sampler.denoise(xb, run.cond, seeds=kb), x, keys, run)
+        else:
+            mid = self.batched(lambda xb, kb: self.sampler.denoise(xb, run.cond, 0, keep_at, seeds=kb), x, keys, run)
+            latents = self.batched(lambda xb, kb: self.sampler.denoise(xb, run.cond, keep_at, seeds=kb), mid, keys, run)
+        idx = run.record.add(run, self.sampler.decode(latents), chains, self.steps, self.steps, parents, latents, **info)
+        if keep_at is not None:
+            run.kept.update({i: mid[k : k + 1].detach() for k, i in enumerate(idx)})
+        return idx
 
     def sample_baseline(self, run: Run, seed: int) -> int:
         "Samples the baseline noise `seed` fully, outside the budget (its NFEs go to `baseline_nfe`); returns its index."
@@ -553,6 +576,10 @@ class Search:
             res.report["checker"] = {name: _verdict(checker(c.image, run.prompt))
                                      for name, c in (("baseline", res.baseline), ("best", res.best)) if c is not None}
         res.nfe = run.budget.spent
+        left = run.budget.total - res.nfe
+        if left > 0:
+            res.report["unspent"] = {"nfe": left, "reason": f"less than the search's next piece of work costs "
+                                     f"(here at most {self.unit_cost()} NFEs: {self.unit_name})"}
         res.wall_time = time.perf_counter() - run.t0
         return res
 

@@ -15,110 +15,216 @@ from .core import Search, noise_key, search_state
 
 
 # %% auto #0
-__all__ = ['PATH_DEFAULTS', 'path_steps', 'PathState', 'PathSearch']
+__all__ = ['PATH_DEFAULTS', 'noise_levels', 'path_steps', 'path_schedule', 'PathState', 'PathSearch']
 
 # %% ../../nbs/searches/03_paths.ipynb #70d5d362
-#: The defaults of path search: `paths` N, `per_path` M, and the schedule as fractions of the K steps
-PATH_DEFAULTS = dict(paths=2, per_path=3, start=0.6, forward=0.4, backward=0.48)
+#: The defaults of path search: `paths` N (`None`: as many as the budget pays for), `per_path` M, and the schedule in
+#: noise levels (see `noise_levels`): paths start at `sigma`, each round re-noises up by `delta_f` and denoises down by `delta_b`
+PATH_DEFAULTS = dict(paths=None, per_path=3, sigma=0.4, delta_f=0.33, delta_b=0.39)
+
+
+def noise_levels(sampler) -> torch.Tensor:
+    """Returns the noise level of each of the sampler's `K + 1` states, from near 1 (pure noise) to 0 (clean).
+
+    A state `a x0 + s eps` (`sampler.levels[k] = (a, s)`) has the level `s / (a + s)`: the flow-matching sigma of the
+    state with the same signal-to-noise ratio. On SD3's and FLUX's schedules it is their own sigma; on DDIM's and
+    Euler's it converts `alpha_bar` (or Euler's sigma) so that one level means one amount of noise on every
+    sampler. A sampler without `levels` is taken as evenly spaced (`1 - k / K`)."""
+    K = sampler.num_steps
+    levels = getattr(sampler, "levels", None)
+    if levels is None:
+        return torch.linspace(1.0, 0.0, K + 1, dtype=torch.float64)
+    levels = torch.as_tensor(levels, dtype=torch.float64).cpu()
+    return levels[:, 1] / (levels[:, 0] + levels[:, 1])
 
 
 def path_steps(K: int, start: float, forward: float, backward: float) -> dict:
-    "Returns `start_step`, `forward` and `backward` in steps of a `K`-step schedule from fractions of it."
+    "Returns `start_step`, `forward` and `backward` in steps of a `K`-step schedule from fractions of it (the old options)."
     start_step = max(1, min(K - 1, round(start * K)))
     fwd = max(1, min(start_step, round(forward * K)))
     return {"start_step": start_step, "forward": fwd, "backward": max(fwd + 1, round(backward * K))}
 
 
+def _nearest(levels: torch.Tensor, steps: range, level: float) -> int:
+    "Returns the step of `steps` whose noise level is nearest `level` (the earlier of two as near)."
+    return min(steps, key=lambda k: (abs(float(levels[k]) - level), k))
+
+
+def path_schedule(levels: torch.Tensor, sigma: float, delta_f: float, delta_b: float) -> list[tuple[int, int, int]]:
+    """Returns the rounds `(i, back, j)` of a path search over a schedule with noise `levels` (`noise_levels`): paths
+    start at the first step at or below noise level `sigma`; a round at step `i` re-noises to the step nearest level
+    `levels[i] + delta_f` (`back`, before `i`) and denoises to the step nearest `levels[i] + delta_f - delta_b` (`j`,
+    after `i`; the end where that level is clean)."""
+    K = len(levels) - 1
+    i = next((k for k in range(1, K) if float(levels[k]) <= sigma), K - 1)
+    rounds = []
+    while True:
+        back = _nearest(levels, range(0, i), float(levels[i]) + delta_f)
+        target = float(levels[i]) + delta_f - delta_b
+        j = K if target <= float(levels[K]) else _nearest(levels, range(i + 1, K + 1), target)
+        rounds.append((i, back, j))
+        if j == K:
+            return rounds
+        i = j
+
+
 @search_state
 @dataclass
 class PathState:
-    "Path search between rounds: the survivors' states at `step`, their seed chains, stochastic-noise keys and records."
+    """Path search between rounds: the survivors' states at `step`, their seed chains, stochastic-noise keys and
+    records, and the copies of the next round (`per_path` each and `extra` more, from the budget's plan)."""
     x: torch.Tensor
     chains: list
     keys: list
     parents: list
     step: int
+    per_path: int = 0  # 0: a checkpoint of an older version, whose rounds copied `per_path` of the search
+    extra: int = 0
 
 # %% ../../nbs/searches/03_paths.ipynb #70d5d363
 class PathSearch(Search):
-    "Search over paths: re-noise survivors `forward` steps back, denoise `backward` steps, keep the best `paths`."
+    """Search over paths: re-noise survivors up by `delta_f`, denoise down by `delta_b`, keep the best `paths`; the
+    number of paths (and the first round's copies) sized from the budget."""
     algo = "paths"
-    sweep_grid = (dict(paths=2, per_path=4, start=0.4, forward=0.12, backward=0.2),
-                  dict(paths=2, per_path=3, start=0.6, forward=0.4, backward=0.48),
-                  dict(paths=1, per_path=3, start=0.88, forward=0.78, backward=0.81),
-                  dict(paths=2, per_path=2, start=0.88, forward=0.78, backward=0.81))
+    sweep_grid = (dict(paths=2, per_path=4, sigma=0.55, delta_f=0.1, delta_b=0.16),
+                  dict(paths=2, per_path=3, sigma=0.4, delta_f=0.33, delta_b=0.39),
+                  dict(paths=1, per_path=3, sigma=0.11, delta_f=0.78, delta_b=0.81),
+                  dict(paths=2, per_path=2, sigma=0.11, delta_f=0.78, delta_b=0.81))
     needs_restartable = True
+    unit_name = "one re-noised copy in a round of paths, or one full sample"
 
-    def __init__(self, sampler, ensemble, paths: int = PATH_DEFAULTS["paths"], per_path: int = PATH_DEFAULTS["per_path"],
+    def __init__(self, sampler, ensemble, paths: int | None = PATH_DEFAULTS["paths"],
+                 per_path: int = PATH_DEFAULTS["per_path"], sigma: float = PATH_DEFAULTS["sigma"],
+                 delta_f: float = PATH_DEFAULTS["delta_f"], delta_b: float = PATH_DEFAULTS["delta_b"],
                  start_step: int | None = None, forward: int | None = None, backward: int | None = None,
                  batch_size: int | None = None):
         super().__init__(sampler, ensemble, batch_size)
         K = sampler.num_steps
-        self.paths, self.per_path = whole_number(paths, "paths"), whole_number(per_path, "per_path")
-        d = path_steps(K, PATH_DEFAULTS["start"], PATH_DEFAULTS["forward"], PATH_DEFAULTS["backward"])
-        self.start_step = d["start_step"] if start_step is None else int(start_step)
-        self.forward = min(d["forward"], self.start_step) if forward is None else int(forward)
-        self.backward = max(self.forward + 1, d["backward"]) if backward is None else int(backward)
+        self.paths = None if paths is None else whole_number(paths, "paths")
+        self.per_path = whole_number(per_path, "per_path")
+        for name, v in (("sigma", sigma), ("delta_f", delta_f), ("delta_b", delta_b)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+                raise ConfigError(f"{name} is a noise level in (0, 1] (1: pure noise), got {v!r}")
+        if delta_b <= delta_f:
+            raise ConfigError(f"delta_b ({delta_b}) must exceed delta_f ({delta_f}) so each round ends cleaner")
+        self.sigma, self.delta_f, self.delta_b = float(sigma), float(delta_f), float(delta_b)
+        if K < 2:
+            raise ConfigError(f"path search needs a schedule of at least 2 steps, got {K}")
+        rounds = path_schedule(noise_levels(sampler), self.sigma, self.delta_f, self.delta_b)
+        self.start_step = rounds[0][0] if start_step is None else int(start_step)
         if not 0 < self.start_step < K:
             raise ConfigError(f"start_step must be inside the schedule (0 < start_step < {K}), got {self.start_step}")
-        if not 0 < self.forward <= self.start_step:
-            raise ConfigError(f"forward must be between 1 and start_step ({self.start_step}), got {self.forward}")
-        if self.backward <= self.forward:
-            raise ConfigError(f"backward ({self.backward}) must exceed forward ({self.forward}) so each round advances")
+        if forward is None and backward is None and start_step is None:
+            self.rounds = rounds
+            self.forward, self.backward = rounds[0][0] - rounds[0][1], rounds[0][2] - rounds[0][1]
+        else:  # the schedule in steps: the same move every round
+            i, b, j = rounds[0]
+            self.forward = min(i - b, self.start_step) if forward is None else int(forward)
+            self.backward = max(self.forward + 1, j - b) if backward is None else int(backward)
+            if not 0 < self.forward <= self.start_step:
+                raise ConfigError(f"forward must be between 1 and start_step ({self.start_step}), got {self.forward}")
+            if self.backward <= self.forward:
+                raise ConfigError(f"backward ({self.backward}) must exceed forward ({self.forward}) so each round advances")
+            self.rounds, i = [], self.start_step
+            while True:
+                j = min(K, i - self.forward + self.backward)
+                self.rounds.append((i, i - self.forward, j))
+                if j == K:
+                    break
+                i = j
+        self._round = {i: (b, j) for i, b, j in self.rounds}
 
     def min_budget(self) -> int:
-        return self.paths * self.steps
+        return self.steps  # below one round of paths, one full sample (see `plan`)
 
-    def one_round_cost(self) -> int:
-        "Returns the NFEs that the `paths` need to start, run one round and finish."
-        n, K, s = self.paths, self.steps, self.start_step
-        j = min(K, s - self.forward + self.backward)
-        return n * s + n * self.per_path * (j - s + self.forward + (1 if j < K else 0)) + n * (K - j)
+    def copy_costs(self) -> list[int]:
+        "Returns the NFEs one re-noised copy costs in each round: its denoising steps, and a `predict_x0` before the end."
+        K = self.steps
+        return [(j - b) + (1 if j < K else 0) for _, b, j in self.rounds]
 
-    def start_from(self, run, x: torch.Tensor, chains, parents) -> PathState:
-        "Denoises initial noises `x` to `start_step`; returns the path state."
-        N, s = len(x), self.start_step
-        if not run.can_afford(N * self.steps):
-            raise BudgetError(f"path search with {N} paths needs at least {N * self.steps} NFEs; "
-                              f"{run.remaining} are left: raise the budget or use fewer paths")
-        run.charge(N * s)
+    def plan_cost(self, paths: int, per_path: int, extra: int = 0, from_start: bool = True) -> int:
+        "Returns the NFEs of `paths` paths with `per_path` copies (and `extra` more in the first round), started at step 0 or not."
+        c = self.copy_costs()
+        return paths * self.start_step * from_start + (paths * per_path + extra) * c[0] + paths * per_path * sum(c[1:])
+
+    def plan(self, budget: int, most: int | None = None, from_start: bool = True) -> dict:
+        """Returns how `budget` NFEs are spent: `paths` (the search's, else as many as fit, at most `most`), `per_path`
+        (the search's, fewer only where one path cannot pay for it), `extra` copies in the first round to spend the
+        rest (less than one copy is left over), and `nfe`. Where no round fits, `paths` is 0: best-of-`budget // K`."""
+        cost = lambda n, m, e=0: self.plan_cost(n, m, e, from_start)  # noqa: E731
+        plan = None
+        for m in range(self.per_path, 0, -1):
+            if self.paths is not None:
+                want = self.paths if most is None else min(self.paths, most)
+                n = want if cost(want, m) <= budget else 0
+            else:
+                n = budget // cost(1, m)
+                n = n if most is None else min(n, most)
+            if n > 0:
+                plan = {"paths": n, "per_path": m}
+                break
+        if plan is None:
+            n = budget // self.steps
+            return {"paths": 0, "per_path": 0, "extra": 0, "samples": n, "nfe": n * self.steps,
+                    "why": f"one path of one copy needs {cost(1, 1)} NFEs: best-of-{n} instead"}
+        plan["extra"] = (budget - cost(plan["paths"], plan["per_path"])) // self.copy_costs()[0]
+        plan["nfe"] = cost(plan["paths"], plan["per_path"], plan["extra"])
+        return plan
+
+    def unit_cost(self) -> int:
+        return min(self.steps, self.copy_costs()[0])
+
+    def start_from(self, run, x: torch.Tensor, chains, parents, plan: dict, states: torch.Tensor | None = None) -> PathState:
+        "Denoises initial noises `x` to `start_step` (or takes their `states` there, already computed); returns the path state."
+        s = self.start_step
         chains = [list(c) for c in chains]
         keys = [noise_key(c) for c in chains]
-        x = self.batched(lambda xb, kb: self.sampler.denoise(xb, run.cond, 0, s, seeds=kb), x, keys, run)
-        return PathState(x, chains, keys, list(parents), s)
+        if states is None:
+            run.charge(len(x) * s)
+            states = self.batched(lambda xb, kb: self.sampler.denoise(xb, run.cond, 0, s, seeds=kb), x, keys, run)
+        return PathState(states, chains, keys, list(parents), s, plan["per_path"], plan["extra"])
+
+    def best_of(self, run, n: int):
+        "Spends the budget on `n` fresh noises, fully sampled (no round of paths fits); the first is the baseline if none is."
+        if n == 0:
+            return None
+        seeds, x = self.fresh_noise(run, n)
+        idx = self.sample(run, x, [[s] for s in seeds])
+        if run.record.result.baseline_index is None:
+            run.record.set_baseline(idx[0])
+        return None
 
     def begin(self, run):
-        seeds, x = self.fresh_noise(run, self.paths)
+        plan = self.plan(run.remaining)
+        run.record.result.report["plan"] = plan
+        if plan["paths"] == 0:
+            return self.best_of(run, plan["samples"])
+        seeds, x = self.fresh_noise(run, plan["paths"])
         self.sample_baseline(run, seeds[0])
-        return self.start_from(run, x, [[s] for s in seeds], [None] * self.paths)
+        return self.start_from(run, x, [[s] for s in seeds], [None] * plan["paths"], plan)
 
     def advance(self, run, state):
-        K, M, i = self.steps, self.per_path, state.step
-        N = len(state.x)
-        j = min(K, i - self.forward + self.backward)
-        cost = N * M * (j - i + self.forward) + (N * M if j < K else 0)
-        if not run.can_afford(cost + N * (K - j)):  # no room for another round: finish the survivors
-            run.charge(N * (K - i))
-            latents = self.batched(lambda xb, kb: self.sampler.denoise(xb, run.cond, i, seeds=kb), state.x, state.keys, run)
-            run.record.add(run, self.sampler.decode(latents), state.chains, K, K - i, state.parents, latents,
-                            finished=True)
-            return None
-        run.charge(cost)
-        r_seeds = run.next_seeds(N * M)
-        back = self.sampler.renoise(state.x.repeat_interleave(M, dim=0), i, i - self.forward,
-                                    generators_from_seeds(r_seeds))
-        chains = [state.chains[k // M] + [r_seeds[k]] for k in range(N * M)]
-        keys = list(r_seeds)  # each re-noised copy meets its own per-step noise from here on
-        moved = self.batched(lambda xb, kb: self.sampler.denoise(xb, run.cond, i - self.forward, j, seeds=kb), back, keys, run)
+        K, i, N = self.steps, state.step, len(state.x)
+        b, j = self._round[i]
+        M = state.per_path or self.per_path
+        parent = [k // M for k in range(N * M)] + [k % N for k in range(state.extra)]  # extra copies: round robin
+        n = len(parent)
+        cost_each = (j - b) + (1 if j < K else 0)
+        run.charge(n * cost_each)
+        r_seeds = run.next_seeds(n)
+        back = self.sampler.renoise(state.x[parent], i, b, generators_from_seeds(r_seeds))
+        chains = [state.chains[p] + [r_seeds[k]] for k, p in enumerate(parent)]
+        keys = [state.keys[p] for p in parent]  # a copy meets its path's per-step noise: only the re-noising differs
+        moved = self.batched(lambda xb, kb: self.sampler.denoise(xb, run.cond, b, j, seeds=kb), back, keys, run)
         if j < K:
             x0 = self.batched(lambda xb, kb: self.sampler.predict_x0(xb, run.cond, j, seeds=kb), moved, keys, run)
             images = self.sampler.decode(x0)
         else:
             images = self.sampler.decode(moved)
-        idx = run.record.add(run, images, chains, j, cost // (N * M), [state.parents[k // M] for k in range(N * M)],
-                              moved if j == K else None, round=run.rounds)
+        idx = run.record.add(run, images, chains, j, cost_each, [state.parents[p] for p in parent],
+                             moved if j == K else None, round=run.rounds)
         if j == K:
             return None
-        util = run.record.utilities(idx)
-        keep = torch.argsort(util, descending=True, stable=True)[:N].tolist()
-        return PathState(moved[keep], [chains[k] for k in keep], [keys[k] for k in keep], [idx[k] for k in keep], j)
+        pos = {c: k for k, c in enumerate(idx)}
+        keep = [pos[c] for c in run.record.order(idx)[:N]]
+        return PathState(moved[keep], [chains[k] for k in keep], [keys[k] for k in keep], [idx[k] for k in keep], j, M)

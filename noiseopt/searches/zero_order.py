@@ -16,17 +16,17 @@ from .core import Search, search_state
 
 
 # %% auto #0
-__all__ = ['ZO_DEFAULTS', 'neighbor', 'rebuild_noise', 'PivotState', 'ZeroOrderSearch']
+__all__ = ['ZO_DEFAULTS', 'neighbor', 'rebuild_noise', 'step_size', 'PivotState', 'ZeroOrderSearch']
 
 # %% ../../nbs/searches/02_zero_order.ipynb #b821bafe
 def neighbor(x: torch.Tensor, w: torch.Tensor, lam: float) -> torch.Tensor:
-    "Returns `|x| (lam u + sqrt(1 - lam^2) w')` per row: `w'` is `w` made orthogonal to `u = x / |x|` and normalised."
+    "Returns `|x| (sqrt(1 - lam^2) u + lam w')` per row: `w'` is `w` made orthogonal to `u = x / |x|` and normalised."
     flat, wf = x.flatten(1).double(), w.flatten(1).double()
     norm = flat.norm(dim=1, keepdim=True)
     u = flat / norm
     wf = wf - (wf * u).sum(1, keepdim=True) * u
     wf = wf / wf.norm(dim=1, keepdim=True)
-    return (norm * (lam * u + math.sqrt(1 - lam**2) * wf)).reshape(x.shape).to(x.dtype)
+    return (norm * (math.sqrt(1 - lam**2) * u + lam * wf)).reshape(x.shape).to(x.dtype)
 
 
 def rebuild_noise(sampler, chain: Sequence[int], lam: float) -> torch.Tensor:
@@ -37,8 +37,26 @@ def rebuild_noise(sampler, chain: Sequence[int], lam: float) -> torch.Tensor:
     return x
 
 
-#: The defaults of zero-order search
-ZO_DEFAULTS = dict(neighbors=4, lam=0.8)
+#: The defaults of zero-order search (`lam`: the step size, the sine of the angle to the pivot)
+ZO_DEFAULTS = dict(neighbors=4, lam=0.6)
+
+
+def step_size(lam: float | None, cos: float | None) -> float:
+    "Returns the step size `lam` given as itself or as the public implementation's cosine `cos` (not both, unless equal)."
+    for name, v in (("lam", lam), ("cos", cos)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ConfigError(f"{name} must be a number, got {v!r}")
+    if cos is not None:
+        if not 0 <= cos < 1:
+            raise ConfigError(f"cos is the cosine between pivot and neighbour, in [0, 1), got {cos}")
+        from_cos = math.sqrt(1 - float(cos) ** 2)
+        if lam is not None and abs(lam - from_cos) > 1e-9:
+            raise ConfigError(f"lam={lam} and cos={cos} name different steps (cos={cos} is lam={from_cos:.4g}): give one")
+        return from_cos
+    lam = ZO_DEFAULTS["lam"] if lam is None else lam
+    if not 0 < lam <= 1:
+        raise ConfigError(f"lam is the step size, in (0, 1] (larger: a larger stride), got {lam}")
+    return float(lam)
 
 
 @search_state
@@ -50,24 +68,25 @@ class PivotState:
 
 
 class ZeroOrderSearch(Search):
-    "Zero-order search: neighbours of a pivot noise at cosine `lam`; move to the best if it wins, else restart."
+    "Zero-order search: neighbours of a pivot noise a step `lam` away; move to the best if it wins, else restart."
     algo = "zo"
     label = "zero-order"
     curve_from_one_run = True
-    sweep_grid = (dict(lam=0.95, neighbors=4), dict(lam=0.8, neighbors=4), dict(lam=0.6, neighbors=4),
-                  dict(lam=0.8, neighbors=7))
+    sweep_grid = (dict(cos=0.95, neighbors=4), dict(cos=0.8, neighbors=4), dict(cos=0.6, neighbors=4),
+                  dict(cos=0.8, neighbors=7))
+    #: the step at which each sample's state is kept in `run.kept` (set by "both", which starts its paths there)
+    keep_at: int | None = None
 
-    def __init__(self, sampler, ensemble, neighbors: int = ZO_DEFAULTS["neighbors"], lam: float = ZO_DEFAULTS["lam"],
-                 batch_size: int | None = None):
+    def __init__(self, sampler, ensemble, neighbors: int = ZO_DEFAULTS["neighbors"], lam: float | None = None,
+                 cos: float | None = None, batch_size: int | None = None):
         super().__init__(sampler, ensemble, batch_size)
         neighbors = whole_number(neighbors, "neighbors")
-        if not 0 <= lam < 1:
-            raise ConfigError(f"lam is a cosine similarity in [0, 1), got {lam}")
-        self.neighbors, self.lam = neighbors, float(lam)
+        self.neighbors, self.lam = neighbors, step_size(lam, cos)
+        self.cos = math.sqrt(1 - self.lam**2)  # recorded beside lam: a result of an older version records only lam, a cosine
 
     def begin(self, run):
         seeds, x = self.fresh_noise(run, 1)
-        idx = self.sample(run, x, [seeds])[0]
+        idx = self.sample(run, x, [seeds], keep_at=self.keep_at)[0]
         run.record.set_baseline(idx)
         return PivotState(idx, x) if run.can_afford(self.steps) else None
 
@@ -77,12 +96,11 @@ class ZeroOrderSearch(Search):
         w_seeds, w = self.fresh_noise(run, m)
         ys = neighbor(state.x.expand(m, *state.x.shape[1:]), w, self.lam)
         new = self.sample(run, ys, [run.record.candidates[pivot].seeds + [s] for s in w_seeds], parents=[pivot] * m,
-                          round=run.rounds)
-        util = run.record.utilities([pivot] + new)
-        best = int(torch.argmax(util[1:])) + 1
-        if util[best] > util[0]:
-            state = PivotState(new[best - 1], ys[best - 1 : best])
+                          keep_at=self.keep_at, round=run.rounds)
+        top = run.record.order([pivot] + new)[0]
+        if top != pivot:
+            state = PivotState(top, ys[new.index(top) : new.index(top) + 1])
         elif run.can_afford(K):  # no neighbour beats the pivot: restart from a fresh noise
             seeds, x = self.fresh_noise(run, 1)
-            state = PivotState(self.sample(run, x, [seeds], restart=True, round=run.rounds)[0], x)
+            state = PivotState(self.sample(run, x, [seeds], keep_at=self.keep_at, restart=True, round=run.rounds)[0], x)
         return state if run.can_afford(K) else None
