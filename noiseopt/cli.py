@@ -100,8 +100,22 @@ def cmd_shapes_eval(args: argparse.Namespace) -> int:
         raise NoiseoptError("--samples and --prompts must be at least 1")
     if args.guidance is not None and args.guidance < 1:
         raise NoiseoptError(f"--guidance must be at least 1 (1 turns guidance off), got {args.guidance}")
-    prompts = SHAPES_EVAL[:n] if args.split == "eval" else train_prompts(n)
+    prompts = SHAPES_EVAL[:: args.stride][:n] if args.split == "eval" else train_prompts(n)
     models = with_settings(load(args.path), guidance_scale=args.guidance, spacing=args.spacing)
+    if args.steps:
+        from noiseopt.shapes_train import format_curve, steps_curve
+
+        try:
+            steps = [int(s) for s in args.steps.split(",") if s.strip()]
+        except ValueError:
+            raise NoiseoptError(f"--steps takes whole step counts, comma-separated; got {args.steps!r}") from None
+        if not steps or min(steps) < 1:
+            raise NoiseoptError(f"--steps takes step counts of at least 1, got {args.steps!r}")
+        report = steps_curve(steps, prompts=prompts, samples=args.samples, seed=args.seed, models=models,
+                             log=lambda m: print(m, file=sys.stderr))
+        print(format_curve(report))
+        _write_json(args.json, report)
+        return 0
     report = evaluate(models, prompts=prompts, samples=args.samples, seed=args.seed, timing=not args.no_timing,
                       log=lambda m: print(m, file=sys.stderr),
                       prompt_set="shapes-eval" if args.split == "eval" else "training prompts")
@@ -143,10 +157,14 @@ def _add_shapes(sub) -> list:
                     help="how many prompts (default: all 200 of shapes-eval, or 60 training prompts)")
     ev.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's 2)")
     ev.add_argument("--spacing", choices=("leading", "trailing", "linspace"), default=None,
-                    help="DDIM timestep spacing (default: the model's, leading)")
+                    help="diffusers' DDIM with this timestep spacing instead of the model's even schedule from t=961")
     ev.add_argument("--seed", type=int, default=0, help="seed of the samples (default 0)")
+    ev.add_argument("--stride", type=int, default=1, help="--split eval: take every STRIDE-th prompt (default 1)")
     ev.add_argument("--json", default=None, help="also write the full report, every sample's scores, to this file")
     ev.add_argument("--no-timing", action="store_true", help="skip the sampling-time measurement")
+    ev.add_argument("--steps", default=None, metavar="N,N,...",
+                    help="instead, the more-steps curve: the same noises denoised with each step count (e.g. "
+                         "25,50,100,200,400,800), as the more-steps baseline does; --samples 1 is plenty")
     ev.set_defaults(func=cmd_shapes_eval)
     return [tr, ev]
 

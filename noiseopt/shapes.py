@@ -18,9 +18,10 @@ from .errors import ModelNotFoundError, PromptError, shorten
 
 # %% auto #0
 __all__ = ['COLORS', 'SHAPES', 'POSITIONS', 'RELATIONS', 'CONSTRUCTIONS', 'SIZE', 'EVAL_COUNTS', 'EVAL_SPECS', 'SHAPES_EVAL',
-           'TRAIN_SPECS', 'HUES', 'MIN_AREA', 'Spec', 'caption', 'parse', 'all_specs', 'render', 'random_spec',
-           'scenes', 'Found', 'Verdict', 'find_objects', 'check', 'perturb', 'checker_rates', 'assets_path',
-           'ShapesModels', 'load_sampler', 'load_clip', 'load_aesthetic', 'load', 'shapes_model']
+           'TRAIN_SPECS', 'HUES', 'MIN_AREA', 'SHAPES_FIRST_TIMESTEP', 'Spec', 'caption', 'parse', 'all_specs',
+           'render', 'random_spec', 'scenes', 'Found', 'Verdict', 'find_objects', 'check', 'perturb', 'checker_rates',
+           'assets_path', 'ShapesModels', 'shapes_scheduler', 'load_sampler', 'load_clip', 'load_aesthetic', 'load',
+           'shapes_model']
 
 # %% ../nbs/02_shapes.ipynb #be2d03bf
 COLORS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (235, 205, 20)}
@@ -453,12 +454,30 @@ def _quiet():
             tlog.enable_progress_bar()
 
 
+#: The timestep the shapes model's schedule starts at, at every step count (the leading grid's top at 25 steps)
+SHAPES_FIRST_TIMESTEP = 961
+
+
+def shapes_scheduler(path: str | Path | None = None):
+    """Returns the scheduler the shapes model samples with: its DDIM (x0 clipped to [-1, 1]) made even
+    (`noiseopt.models.core.even_ddim`): from t = 961 to the end at any step count, each step on the schedule, and the
+    noise re-derived from the clipped x0 (without that, more steps made its images worse; see the training notebook)."""
+    import json
+
+    from noiseopt.models.core import even_ddim
+
+    config = json.loads((_root(path) / "model" / "scheduler" / "scheduler_config.json").read_text())
+    return even_ddim(config, SHAPES_FIRST_TIMESTEP, clipped_eps=True)
+
+
 def load_sampler(path: str | Path | None = None, num_steps: int = 25, guidance_scale: float = 2.0,
                  batch_size: int = 16, scheduler: str | None = None, device: str | None = "cpu"):
-    "Returns the shapes text-to-image model as a `DiffusersSampler` (DDIM unless `scheduler` names another)."
+    """Returns the shapes text-to-image model as a `DiffusersSampler`: its even DDIM schedule (`shapes_scheduler`) unless
+    `scheduler` names another ('ddim': the shipped DDIM as diffusers steps it)."""
     from noiseopt.samplers import DiffusersSampler
 
     root = _root(path)
+    scheduler = shapes_scheduler(root) if scheduler is None else scheduler
     with _quiet():
         return DiffusersSampler.from_pretrained(root / "model", device=device, dtype="float32", num_steps=num_steps,
                                                 guidance_scale=guidance_scale, batch_size=batch_size, scheduler=scheduler)
