@@ -96,8 +96,8 @@ def cmd_shapes_eval(args: argparse.Namespace) -> int:
     from noiseopt.shapes_train import evaluate, format_report, train_prompts, with_settings
 
     n = args.prompts if args.prompts is not None else (200 if args.split == "eval" else 60)
-    if args.samples < 1 or n < 1:
-        raise NoiseoptError("--samples and --prompts must be at least 1")
+    if args.samples < 1 or n < 1 or args.stride < 1:
+        raise NoiseoptError("--samples, --prompts and --stride must be at least 1")
     if args.guidance is not None and args.guidance < 1:
         raise NoiseoptError(f"--guidance must be at least 1 (1 turns guidance off), got {args.guidance}")
     prompts = SHAPES_EVAL[:: args.stride][:n] if args.split == "eval" else train_prompts(n)

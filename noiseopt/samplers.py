@@ -248,9 +248,10 @@ class DiffusersSampler:
         return type(self)(self.pipe, **{**settings, **changes})
 
     def with_steps(self, num_steps: int) -> "DiffusersSampler":
-        """Returns this sampler with a schedule of `num_steps` steps that starts no lower than its own (the more-steps
-        baseline's longer schedule): a leading-spacing schedule that would start lower is made trailing. A step count
-        the scheduler refuses (DDIM: more than the model's training timesteps) raises its `ValueError`."""
+        """Returns this sampler with a schedule of `num_steps` steps that starts where its own does (the more-steps
+        baseline's longer schedule): a DDIM schedule is made even between its start and its end (`even_ddim`), another
+        leading-spacing one that would start lower is made trailing. A step count the scheduler refuses (DDIM: more
+        steps than timesteps between its start and end) raises its `ValueError`."""
         return self.replace(**self.adapter.with_steps(self, num_steps))
 
     def __repr__(self) -> str:

@@ -172,7 +172,8 @@ def candidate_grid(result: SearchResult, top: int = 7, checker=None, ncols: int 
     """Returns a figure of the baseline and the `top` other final candidates by utility, with their scores; with
     `checker` (e.g. `model_entry("shapes").check`), each panel's verdict."""
     others = [i for i in _eligible(result) if i != result.baseline_index]
-    order = sorted(others, key=lambda i: -result.candidates[i].utility)[:top]
+    # the chosen one first (ties of utility are broken by the scores, `Ensemble.order`), then the others by utility
+    order = sorted(others, key=lambda i: (i != result.best_index, -result.candidates[i].utility))[:top]
     shown = ([result.baseline_index] if result.baseline_index is not None else []) + order
     titles = []
     for i in shown:

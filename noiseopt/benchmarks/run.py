@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..errors import ConfigError, NoiseoptError, shorten
+from ..errors import BudgetError, ConfigError, NoiseoptError, shorten
 from ..registry import SEARCHES, split_specs
 from .data import _append_rows, _finalize, _flag, _repair, load_prompts, read_results, row_key
 from .perf import format_perf, format_threads, perf, threads_perf
@@ -219,7 +219,11 @@ def spend_table(model: str = "shapes", algos: Sequence[str] | None = None, sampl
             if budget < search.min_budget():
                 rows.append({"algo": algo, "samples": n, "budget": budget, "skipped": f"needs {search.min_budget()}"})
                 continue
-            res = search.run(prompt, budget, seed=seed)
+            try:
+                res = search.run(prompt, budget, seed=seed)
+            except BudgetError as e:  # a budget the search truly cannot use (more steps than the schedule has)
+                rows.append({"algo": algo, "samples": n, "budget": budget, "skipped": "refused", "why": str(e)})
+                continue
             plan = res.report.get("plan", {})
             rows.append({"algo": algo, "samples": n, "budget": budget, "nfe": res.nfe, "total_nfe": res.total_nfe,
                          "unspent": res.report.get("unspent", {}).get("nfe", 0), "plan": plan})
@@ -236,12 +240,14 @@ def format_spend(report: dict) -> str:
     lines = [f"NFEs spent of each budget (total with a baseline sampled outside it), {report['model']}, {K} steps, "
              f"on {report['prompt']!r}, seed {report['seed']}; every search must spend at least budget - {K}.", "",
              "| search | " + " | ".join(f"{n} x {K} = {n * K}" for n in samples) + " |", "|" + " --- |" * (len(samples) + 1)]
+    refused = None
     for a in algos:
         cells = []
         for n in samples:
             r = next(r for r in report["rows"] if r["algo"] == a and r["samples"] == n)
             if "skipped" in r:
                 cells.append(r["skipped"])
+                refused = refused or r.get("why")
                 continue
             plan = r["plan"]
             how = (f", {plan['paths']} paths x {plan['per_path']}" + (f" + {plan['extra']}" if plan.get("extra") else "")
@@ -249,6 +255,8 @@ def format_spend(report: dict) -> str:
                    else ", no path fits" if plan else "")
             cells.append(f"{r['nfe']}" + (f" ({r['total_nfe']})" if r["total_nfe"] != r["nfe"] else "") + how)
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    if refused:
+        lines += ["", f"refused: {refused}"]
     return "\n".join(lines) + "\n"
 
 # %% ../../nbs/benchmarks/02_run.ipynb #b153b7ef

@@ -70,6 +70,9 @@ def even_ddim(config: dict | Any, first_timestep: int, clipped_eps: bool = False
             def set_timesteps(self, num_inference_steps: int, device=None):
                 n, last = int(num_inference_steps), int(self.config.steps_offset)
                 first = int(self.config.num_train_timesteps - 1 if self.first_timestep is None else self.first_timestep)
+                if n > first - min(last, first) + 1:  # more steps than timesteps: some would repeat, and not move
+                    raise ValueError(f"at most {first - min(last, first) + 1} steps fit between t={first} and "
+                                     f"t={min(last, first)}, got {n}")
                 self.num_inference_steps = n
                 grid = torch.linspace(first, min(last, first), n, dtype=torch.float64) if n > 1 else torch.tensor([first])
                 self.timesteps = grid.round().long().to(device)

@@ -61,8 +61,8 @@ class CombinedSearch(Search):
         self.paths, self.per_path, self.sigma, self.delta_f, self.delta_b = p.paths, p.per_path, p.sigma, p.delta_f, p.delta_b
         self.start_step, self.forward, self.backward = p.start_step, p.forward, p.backward
 
-    def unit_cost(self) -> int:
-        return self.path_search.unit_cost()
+    def unit_cost(self, run=None) -> int:
+        return self.path_search.unit_cost(run)
 
     def begin(self, run):
         total, K = run.budget.total, self.steps
@@ -91,11 +91,14 @@ class CombinedSearch(Search):
         plan = self.path_search.plan(run.remaining, most=len(ranked), from_start=from_start)
         run.record.result.report["plan"] = plan
         if plan["paths"] == 0:  # what is left goes to fresh noises
+            plan["why"] = (f"zero-order left {run.remaining} NFEs; one path of one copy needs "
+                           f"{self.path_search.plan_cost(1, 1, from_start=from_start)}" +
+                           (f": best-of-{plan['samples']} with the rest" if plan["samples"] else ""))
             return self.path_search.best_of(run, plan["samples"])
         chosen = ranked[: plan["paths"]]
         chains = [cands[i].seeds for i in chosen]
         x = torch.cat([rebuild_noise(self.sampler, c, self.lam) for c in chains])
-        states = None if from_start else torch.cat([run.kept[i] for i in chosen]).to(x.device)
+        states = None if from_start else torch.cat([run.kept[i].cpu() for i in chosen]).to(x.device)
         run.kept = {}
         return self.path_search.start_from(run, x, chains, chosen, plan, states)
 

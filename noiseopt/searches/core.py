@@ -138,15 +138,16 @@ class RunRecord:
         return self.ensemble.utility([self.candidates[i].scores for i in indices])
 
     def order(self, indices: Sequence[int]) -> list[int]:
-        "Returns `indices` best first, judged as one pool (`Ensemble.order`: utility, then the mean z-score, then the first)."
+        """Returns `indices` best first, judged as one pool (`Ensemble.order`: utility, then the mean z-score, then the
+        first), a candidate a verifier failed on after every one that all verifiers scored. Every choice a search
+        makes uses it: its best, zero-order's move, the paths that survive, the noises "both" hands over."""
         indices = list(indices)
-        return [indices[k] for k in self.ensemble.order([self.candidates[i].scores for i in indices])]
+        ranked = [indices[k] for k in self.ensemble.order([self.candidates[i].scores for i in indices])]
+        return sorted(ranked, key=lambda i: bool(self.candidates[i].info.get("failed")))  # stable: the order otherwise
 
     def best(self, indices: Sequence[int] | None = None) -> int:
         "Returns the index of the best of `indices` (default: the eligible ones); a candidate a verifier failed on only if all did."
-        indices = self.eligible() if indices is None else list(indices)
-        ranked = self.order(indices)
-        return next((i for i in ranked if not self.candidates[i].info.get("failed")), ranked[0])
+        return self.order(self.eligible() if indices is None else list(indices))[0]
 
 # %% ../../nbs/searches/00_core.ipynb #6a1c0e03
 _STATE_TYPES: dict[str, type] = {}
@@ -331,7 +332,7 @@ class Search:
     uses_verifiers = True
     #: True when its first B NFEs do not depend on its total budget: the benchmark reads every budget off one run
     curve_from_one_run = False
-    #: the configurations `noiseopt sweep` compares to choose its defaults (path options as fractions of the K steps)
+    #: the configurations `noiseopt sweep` compares to choose its defaults (path options in noise levels)
     sweep_grid: tuple[dict, ...] = ()
     needs_restartable = False
 
@@ -367,8 +368,8 @@ class Search:
     #: what `unit_cost` pays for, in words (for `report["unspent"]`)
     unit_name = "one full sample"
 
-    def unit_cost(self) -> int:
-        "The NFEs of the smallest piece of work the search adds: it spends its budget down to less than this."
+    def unit_cost(self, run: Run | None = None) -> int:
+        "The NFEs of the smallest piece of work the search adds (in `run`): it spends its budget down to less than this."
         return self.steps
 
     # --- what a search is made of ---
@@ -426,7 +427,7 @@ class Search:
             latents = self.batched(lambda xb, kb: self.sampler.denoise(xb, run.cond, keep_at, seeds=kb), mid, keys, run)
         idx = run.record.add(run, self.sampler.decode(latents), chains, self.steps, self.steps, parents, latents, **info)
         if keep_at is not None:
-            run.kept.update({i: mid[k : k + 1].detach() for k, i in enumerate(idx)})
+            run.kept.update({i: mid[k : k + 1].detach().cpu() for k, i in enumerate(idx)})  # as a checkpoint has them
         return idx
 
     def sample_baseline(self, run: Run, seed: int) -> int:
@@ -578,8 +579,9 @@ class Search:
         res.nfe = run.budget.spent
         left = run.budget.total - res.nfe
         if left > 0:
+            unit, name = self.unit_cost(run), self.unit_name if self.unit_cost(run) != self.steps else "one full sample"
             res.report["unspent"] = {"nfe": left, "reason": f"less than the search's next piece of work costs "
-                                     f"(here at most {self.unit_cost()} NFEs: {self.unit_name})"}
+                                     f"({name}: {unit} NFEs)"}
         res.wall_time = time.perf_counter() - run.t0
         return res
 

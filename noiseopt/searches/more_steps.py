@@ -24,9 +24,9 @@ class SeedState:
 
 def more_steps(sampler, num_steps: int):
     """Returns `sampler` with `num_steps` denoising steps, as the sampler itself makes a longer schedule
-    (`with_steps`: a `DiffusersSampler` keeps its schedule's start, making a leading-spacing schedule trailing where
-    it would start lower), else `replace(num_steps=...)`. A step count the scheduler refuses (DDIM: more than the
-    model's training timesteps) is a `BudgetError`."""
+    (`with_steps`: a `DiffusersSampler` keeps its schedule's start and end, a DDIM one evenly spaced between), else
+    `replace(num_steps=...)`. A step count the scheduler refuses (DDIM: more steps than timesteps between its start
+    and its end, 961 on the shapes model) is a `BudgetError`."""
     try:
         if callable(getattr(sampler, "with_steps", None)):
             return sampler.with_steps(num_steps)

@@ -150,13 +150,17 @@ class PathSearch(Search):
     def plan(self, budget: int, most: int | None = None, from_start: bool = True) -> dict:
         """Returns how `budget` NFEs are spent: `paths` (the search's, else as many as fit, at most `most`), `per_path`
         (the search's, fewer only where one path cannot pay for it), `extra` copies in the first round to spend the
-        rest (less than one copy is left over), and `nfe`. Where no round fits, `paths` is 0: best-of-`budget // K`."""
+        rest (less than one copy is left over), and `nfe`. Given its `paths`, the rest first raises `per_path` for every
+        round. Where no round fits, `paths` is 0: best-of-`budget // K`."""
         cost = lambda n, m, e=0: self.plan_cost(n, m, e, from_start)  # noqa: E731
         plan = None
         for m in range(self.per_path, 0, -1):
-            if self.paths is not None:
+            if self.paths is not None:  # the paths given: the rest raises the copies of every round first
                 want = self.paths if most is None else min(self.paths, most)
                 n = want if cost(want, m) <= budget else 0
+                if n and m == self.per_path:
+                    c = self.copy_costs()
+                    m = max(m, (budget - cost(n, 0)) // (n * sum(c)))  # cost is linear in the copies
             else:
                 n = budget // cost(1, m)
                 n = n if most is None else min(n, most)
@@ -165,14 +169,17 @@ class PathSearch(Search):
                 break
         if plan is None:
             n = budget // self.steps
+            k = self.paths or 1
             return {"paths": 0, "per_path": 0, "extra": 0, "samples": n, "nfe": n * self.steps,
-                    "why": f"one path of one copy needs {cost(1, 1)} NFEs: best-of-{n} instead"}
+                    "why": f"{k} path{'s' if k > 1 else ''} of one copy need{'' if k > 1 else 's'} {cost(k, 1)} NFEs: "
+                           f"best-of-{n} instead"}
         plan["extra"] = (budget - cost(plan["paths"], plan["per_path"])) // self.copy_costs()[0]
         plan["nfe"] = cost(plan["paths"], plan["per_path"], plan["extra"])
         return plan
 
-    def unit_cost(self) -> int:
-        return min(self.steps, self.copy_costs()[0])
+    def unit_cost(self, run=None) -> int:
+        plan = run.record.result.report.get("plan", {}) if run is not None else {}
+        return self.copy_costs()[0] if plan.get("paths") else self.steps  # best-of-N's unit: a sample
 
     def start_from(self, run, x: torch.Tensor, chains, parents, plan: dict, states: torch.Tensor | None = None) -> PathState:
         "Denoises initial noises `x` to `start_step` (or takes their `states` there, already computed); returns the path state."

@@ -94,7 +94,7 @@ class ZeroOrderSearch(Search):
         K, pivot = self.steps, state.pivot
         m = min(self.neighbors, run.remaining // K)
         w_seeds, w = self.fresh_noise(run, m)
-        ys = neighbor(state.x.expand(m, *state.x.shape[1:]), w, self.lam)
+        ys = neighbor(state.x.to(w.device).expand(m, *state.x.shape[1:]), w, self.lam)  # a checkpoint's x is on the CPU
         new = self.sample(run, ys, [run.record.candidates[pivot].seeds + [s] for s in w_seeds], parents=[pivot] * m,
                           keep_at=self.keep_at, round=run.rounds)
         top = run.record.order([pivot] + new)[0]
