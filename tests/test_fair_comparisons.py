@@ -11,22 +11,7 @@ from noiseopt.searches import CombinedSearch, RandomSearch, ZeroOrderSearch
 from noiseopt.searches.zero_order import rebuild_noise
 
 sys.path.insert(0, str(Path(__file__).parent))
-from toy import ToySampler  # noqa: E402
-
-
-class Bright:
-    "Its best is known: the brightest image."
-    name = "bright"
-
-    def score(self, images, prompts):
-        return images.mean((1, 2, 3))
-
-
-class Red:
-    name = "red"
-
-    def score(self, images, prompts):
-        return images[:, 0].mean((1, 2)) - images[:, 1:].mean((1, 2, 3))
+from toy import Bright, Red, ToySampler  # noqa: E402  (Bright: its best is known, the brightest image)
 
 
 def test_both_hands_over_the_best_noises_of_the_whole_pool_and_their_states():
