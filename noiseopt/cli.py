@@ -103,7 +103,7 @@ def cmd_shapes_eval(args: argparse.Namespace) -> int:
     prompts = SHAPES_EVAL[:: args.stride][:n] if args.split == "eval" else train_prompts(n)
     models = with_settings(load(args.path), guidance_scale=args.guidance, spacing=args.spacing)
     if args.steps:
-        from noiseopt.shapes_train import format_curve, steps_curve
+        from noiseopt.benchmarks.run import format_curve, steps_curve
 
         try:
             steps = [int(s) for s in args.steps.split(",") if s.strip()]

@@ -74,3 +74,18 @@ def test_no_more_steps_than_timesteps():
 
     with pytest.raises(BudgetError, match="at most 901 steps"):
         MoreSteps(s, Ensemble([Flat()])).run("a cat", 1000)
+
+
+def test_the_more_steps_curve_command(capsys):
+    "noiseopt shapes eval --steps: the same noises at each step count, from one start, with intervals."
+    from noiseopt.benchmarks.run import format_curve, steps_curve
+    from noiseopt.cli import main
+
+    report = steps_curve((25, 40), prompts=["a red circle", "a blue square above a red circle"], samples=1, log=None)
+    assert list(report["steps"]) == [25, 40] and report["prompts"] == 2
+    for n, r in report["steps"].items():
+        assert r["schedule"].startswith(f"{n} steps from t=961")
+        assert 0 <= r["checker"]["lo"] <= r["checker"]["mean"] <= r["checker"]["hi"] <= 1 and r["clip"]["n"] == 2
+    assert "| 40 | 40 steps from t=961" in format_curve(report)
+    assert main(["shapes", "eval", "--steps", "25,x"]) == 2
+    assert "--steps takes whole step counts" in capsys.readouterr().err

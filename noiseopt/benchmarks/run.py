@@ -15,11 +15,12 @@ from ..errors import BudgetError, ConfigError, NoiseoptError, shorten
 from ..registry import SEARCHES, split_specs
 from .data import _append_rows, _finalize, _flag, _repair, load_prompts, read_results, row_key
 from .perf import format_perf, format_threads, perf, threads_perf
-from .tables import format_table, summarize, table_csv
+from .tables import format_table, mean_ci, rate_ci, summarize, table_csv
 
 
 # %% auto #0
-__all__ = ['search_rows', 'benchmark', 'spend_table', 'format_spend', 'add_bench_arguments', 'bench_command', 'main']
+__all__ = ['search_rows', 'benchmark', 'spend_table', 'format_spend', 'steps_curve', 'format_curve', 'add_bench_arguments',
+           'bench_command', 'main']
 
 # %% ../../nbs/benchmarks/02_run.ipynb #645024af
 def _verdicts(check, images, prompt: str) -> list[bool]:
@@ -258,6 +259,70 @@ def format_spend(report: dict) -> str:
     if refused:
         lines += ["", f"refused: {refused}"]
     return "\n".join(lines) + "\n"
+
+# %% ../../nbs/benchmarks/02_run.ipynb #6a444b79
+def _mean_interval(values, kind: str) -> dict:
+    "Returns the mean and 95% interval of `values`: Wilson's for pass/fail (`kind='checker'`), Student's t for scores."
+    return rate_ci(list(values)) if kind == "checker" else mean_ci(list(values))
+
+
+def steps_curve(steps=(25, 50, 100, 200, 400, 800), prompts=None, samples: int = 1, seed: int = 0, models=None,
+                batch: int = 16, log=print) -> dict:
+    """Returns the more-steps curve: the same noises denoised with each step count, as the more-steps baseline
+    does (`sampler.with_steps(n)`), scored by the checker (pass rate, Wilson interval) and the two verifiers (mean,
+    Student's t interval). Prompts are batched together, `batch` samples a call."""
+    import numpy as np
+    import torch
+
+    from noiseopt.models.core import Conditioning
+    from noiseopt.shapes import SHAPES_EVAL, check, load
+    from noiseopt.shapes_train import _spacing
+
+    class _Rows(Conditioning):  # one prompt per row, so that a batch can hold several prompts
+        def unet_kwargs(self, n, guidance):
+            return {"encoder_hidden_states": torch.cat([self.neg_embeds, self.embeds]) if guidance else self.embeds}
+
+    models = models or load()
+    prompts = list(prompts or SHAPES_EVAL)
+    base = models.sampler
+    jobs = [(k, p, seed * 1_000_003 + k * samples + i) for k, p in enumerate(prompts) for i in range(samples)]
+    conds = {p: base.condition(p) for p in prompts}
+    report = {"prompts": len(prompts), "samples": samples, "seed": seed, "steps": {}}
+    t0 = time.time()
+    for n in steps:
+        s = base.with_steps(n)
+        s.batch_size = max(s.batch_size, batch)
+        passed, clip, aes = [], [], []
+        for b in range(0, len(jobs), batch):
+            chunk = jobs[b : b + batch]
+            rows = [conds[p] for _, p, _ in chunk]
+            cond = _Rows("", torch.cat([c.embeds for c in rows]),
+                         torch.cat([c.neg_embeds for c in rows]) if rows[0].neg_embeds is not None else None)
+            seeds = [sd for _, _, sd in chunk]
+            images = s.decode(s.denoise(s.noise(seeds), cond, seeds=seeds))
+            texts = [p for _, p, _ in chunk]
+            passed += [check(im, p).passed for im, p in zip(images, texts)]
+            clip += models.clip.score(images, texts).tolist()
+            aes += models.aesthetic.score(images, texts).tolist()
+        report["steps"][n] = {"schedule": f"{s.num_steps} steps from t={int(s.timesteps[0])} ({_spacing(s)})",
+                              "checker": _mean_interval(passed, "checker"), "clip": _mean_interval(clip, "score"),
+                              "aesthetic": _mean_interval(aes, "score")}
+        if log:
+            log(f"curve: {n} steps done, {time.time() - t0:.0f}s")
+    return report
+
+
+def format_curve(report: dict) -> str:
+    "Returns the more-steps curve as a markdown table (means with their 95% intervals)."
+    lines = [f"the same {report['prompts'] * report['samples']} noises ({report['prompts']} prompts x {report['samples']}, "
+             f"seed {report['seed']}) denoised with more steps, as the more-steps baseline does", "",
+             "| steps | schedule | checker | clip | aesthetic |", "| --- | --- | --- | --- | --- |"]
+    for n, r in report["steps"].items():
+        c = r["checker"]
+        cells = [f"{100 * c['mean']:.1f}% [{100 * c['lo']:.1f}, {100 * c['hi']:.1f}]"]
+        cells += [f"{r[k]['mean']:.3f} [{r[k]['lo']:.3f}, {r[k]['hi']:.3f}]" for k in ("clip", "aesthetic")]
+        lines.append(f"| {n} | {r['schedule']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 # %% ../../nbs/benchmarks/02_run.ipynb #b153b7ef
 def _csv(text: str | None) -> list[str]:
