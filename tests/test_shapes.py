@@ -219,7 +219,7 @@ def test_cli_shapes_eval_and_errors(tmp_path):
               "--json", str(tmp_path / "r.json"))
     assert out.returncode == 0, out.stderr
     assert "| overall | 3 |" in out.stdout and "aesthetic: AUC" in out.stdout
-    assert out.stdout.startswith("shapes-eval: 3 prompts x 2 samples, seed 0 (25 steps, guidance 2, leading spacing)")
+    assert out.stdout.startswith("shapes-eval: 3 prompts x 2 samples, seed 0 (25 steps, guidance 2, even from t=961 spacing)")
     assert (tmp_path / "r.json").is_file()
     train = run("noiseopt", "shapes", "eval", "--split", "train", "--prompts", "2", "--samples", "2", "--no-timing",
                 "--guidance", "1.5", "--spacing", "trailing", "--json", str(tmp_path / "t.json"))
