@@ -287,7 +287,7 @@ def _add_search(sub) -> None:
     p.add_argument("--ensemble", default="rank", choices=("rank", "zscore", "raw"),
                    help="how verifiers combine: mean rank in the pool (default), mean z-score, or weighted raw sum")
     p.add_argument("--algo", default="random",
-                   help=f"the search and its options, e.g. zo:lam=0.9,neighbors=8; registered: {', '.join(list_searches())} "
+                   help=f"the search and its options, e.g. zo:lam=0.6,neighbors=8; registered: {', '.join(list_searches())} "
                         "(random: best-of-N, zo: zero-order, paths, both, steps: the more-denoising-steps baseline); "
                         "default random. `noiseopt info --algo NAME` lists a search's options")
     p.add_argument("--budget", type=int, default=None, help="budget in NFEs (default: 8 samples, 8 x steps)")

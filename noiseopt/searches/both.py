@@ -79,8 +79,6 @@ class CombinedSearch(Search):
     def hand_over(self, run, state) -> PathState | None:
         """Starts the paths from zero-order's best distinct noises, ranked over its whole pool now, at the states it
         kept (no NFE spent again on what it denoised); returns `None` where the rest pays for no path."""
-        if not run.kept and state.kept_index:  # a resumed run: the states come from the checkpoint
-            run.kept = {i: state.kept[k : k + 1] for k, i in enumerate(state.kept_index)}
         cands = run.record.candidates
         ranked, seen = [], set()
         for i in run.record.order(range(len(cands))):
@@ -103,9 +101,9 @@ class CombinedSearch(Search):
         return self.path_search.start_from(run, x, chains, chosen, plan, states)
 
     def advance(self, run, state):
+        if state.phase == "zo" and not run.kept and state.kept_index:  # resumed: the states come from the checkpoint
+            run.kept = {i: state.kept[k : k + 1] for k, i in enumerate(state.kept_index)}
         if state.phase == "zo" and state.inner is not None:
-            if not run.kept and state.kept_index:
-                run.kept = {i: state.kept[k : k + 1] for k, i in enumerate(state.kept_index)}
             inner = self.zero_order.advance(run, state.inner)
             if inner is not None:
                 return self._zo(run, inner)

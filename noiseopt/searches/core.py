@@ -579,7 +579,8 @@ class Search:
         res.nfe = run.budget.spent
         left = run.budget.total - res.nfe
         if left > 0:
-            unit, name = self.unit_cost(run), self.unit_name if self.unit_cost(run) != self.steps else "one full sample"
+            unit = self.unit_cost(run)
+            name = self.unit_name if unit != self.steps else "one full sample"
             res.report["unspent"] = {"nfe": left, "reason": f"less than the search's next piece of work costs "
                                      f"({name}: {unit} NFEs)"}
         res.wall_time = time.perf_counter() - run.t0
