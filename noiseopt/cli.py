@@ -288,7 +288,9 @@ def _add_search(sub) -> None:
                    help="how verifiers combine: mean rank in the pool (default), mean z-score, or weighted raw sum")
     p.add_argument("--algo", default="random",
                    help=f"the search and its options, e.g. zo:lam=0.6,neighbors=8; registered: {', '.join(list_searches())} "
-                        "(random: best-of-N, zo: zero-order, paths, both, steps: the more-denoising-steps baseline); "
+                        "(random: best-of-N, zo: zero-order, paths, both, steps: the more-denoising-steps baseline, "
+                        "prune: preview pruning, smc: particles, beam: beam search over the trajectory, cem: "
+                        "cross-entropy over the noise's low band); "
                         "default random. `noiseopt info --algo NAME` lists a search's options")
     p.add_argument("--budget", type=int, default=None, help="budget in NFEs (default: 8 samples, 8 x steps)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps of one sample (default: the model's)")

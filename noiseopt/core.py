@@ -287,6 +287,13 @@ class SearchResult:
         return int(self.nfe) + int(self.baseline_nfe)
 
     @property
+    def verifier_calls(self) -> int:
+        """The images the verifiers scored: every candidate (previews, the baseline and finished samples) is scored once
+        by each verifier of the ensemble, so each verifier was called this many times. A search that saves NFEs by
+        previewing pays here (`noiseopt bench --perf` prices a call in NFEs)."""
+        return len(self.candidates)
+
+    @property
     def best(self) -> Candidate | None:
         "The best candidate found, or `None` before any was scored."
         return None if self.best_index is None else self.candidates[self.best_index]
@@ -309,7 +316,7 @@ class SearchResult:
         "Returns the JSON-ready record of the result (no tensors)."
         return {"prompt": self.prompt, "algo": self.algo, "nfe": int(self.nfe), "best_index": self.best_index,
                 "baseline_index": self.baseline_index, "baseline_nfe": int(self.baseline_nfe), "total_nfe": self.total_nfe,
-                "wall_time": float(self.wall_time), "settings": self.settings, "report": self.report, "spec": self.spec,
+                "verifier_calls": self.verifier_calls, "wall_time": float(self.wall_time), "settings": self.settings, "report": self.report, "spec": self.spec,
                 "candidates": [c.to_dict() for c in self.candidates]}
 
     def save(self, folder: str | os.PathLike, latents: bool = False, candidate_images: bool = True) -> Path:
@@ -347,6 +354,7 @@ class SearchResult:
         d = json.loads(path.read_text(encoding="utf-8"))
         cands = [Candidate.from_dict(c) for c in d.pop("candidates")]
         d.pop("total_nfe", None)  # derived from the others
+        d.pop("verifier_calls", None)
         read_candidate_files(folder, cands)
         return cls(candidates=cands, **d)
 

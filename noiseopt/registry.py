@@ -236,7 +236,9 @@ VERIFIERS = Registry("verifier", "noiseopt.verifiers", {
 SEARCHES = Registry("search", "noiseopt.searches", {
     "random": "noiseopt.searches.random:RandomSearch", "zo": "noiseopt.searches.zero_order:ZeroOrderSearch",
     "paths": "noiseopt.searches.paths:PathSearch", "both": "noiseopt.searches.both:CombinedSearch",
-    "steps": "noiseopt.searches.more_steps:MoreSteps"}, skip=("sampler", "ensemble"))
+    "steps": "noiseopt.searches.more_steps:MoreSteps", "prune": "noiseopt.searches.prune:PruneSearch",
+    "smc": "noiseopt.searches.smc:ParticleSearch", "beam": "noiseopt.searches.beam:BeamSearch",
+    "cem": "noiseopt.searches.cem:CrossEntropySearch"}, skip=("sampler", "ensemble"))
 
 
 def register_model(name: str, factory: Callable | None = None, overwrite: bool = False):

@@ -18,10 +18,10 @@ from .errors import ModelNotFoundError, PromptError, shorten
 
 # %% auto #0
 __all__ = ['COLORS', 'SHAPES', 'POSITIONS', 'RELATIONS', 'CONSTRUCTIONS', 'SIZE', 'EVAL_COUNTS', 'EVAL_SPECS', 'SHAPES_EVAL',
-           'TRAIN_SPECS', 'HUES', 'MIN_AREA', 'SHAPES_FIRST_TIMESTEP', 'Spec', 'caption', 'parse', 'all_specs',
-           'render', 'random_spec', 'scenes', 'Found', 'Verdict', 'find_objects', 'check', 'perturb', 'checker_rates',
-           'assets_path', 'ShapesModels', 'shapes_scheduler', 'load_sampler', 'load_clip', 'load_aesthetic', 'load',
-           'shapes_model']
+           'TRAIN_SPECS', 'SHAPES_TRAIN', 'HUES', 'MIN_AREA', 'SHAPES_FIRST_TIMESTEP', 'Spec', 'caption', 'parse',
+           'all_specs', 'render', 'random_spec', 'scenes', 'Found', 'Verdict', 'find_objects', 'check', 'perturb',
+           'checker_rates', 'assets_path', 'ShapesModels', 'shapes_scheduler', 'load_sampler', 'load_clip',
+           'load_aesthetic', 'load', 'shapes_model']
 
 # %% ../nbs/02_shapes.ipynb #be2d03bf
 COLORS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (235, 205, 20)}
@@ -124,6 +124,8 @@ def _eval_specs() -> list[Spec]:
 EVAL_SPECS: tuple[Spec, ...] = tuple(_eval_specs())
 SHAPES_EVAL: tuple[str, ...] = tuple(caption(s) for s in EVAL_SPECS)
 TRAIN_SPECS: tuple[Spec, ...] = tuple(s for s in all_specs() if s not in set(EVAL_SPECS))
+#: the captions of the training scenes: the prompt set that tunes the searches' defaults (never shapes-eval)
+SHAPES_TRAIN: tuple[str, ...] = tuple(caption(s) for s in TRAIN_SPECS)
 
 # %% ../nbs/02_shapes.ipynb #c6575e20
 def _draw(canvas: np.ndarray, shape: str, cx: float, cy: float, size: int, color) -> None:
@@ -531,4 +533,4 @@ def shapes_model(path: str | Path | None = None, num_steps: int = 25, guidance_s
         name="shapes",
         load_sampler=lambda: load_sampler(path, num_steps, guidance_scale, batch_size, scheduler, device),
         default_verifiers=("clip", "aesthetic"), verifiers={"clip": clip, "aesthetic": aesthetic},
-        check=check, check_prompt=parse, prompt_sets={"shapes-eval": SHAPES_EVAL})
+        check=check, check_prompt=parse, prompt_sets={"shapes-eval": SHAPES_EVAL, "shapes-train": SHAPES_TRAIN})

@@ -151,11 +151,15 @@ def perf(model: str = "shapes", prompt: str | None = None, candidates: int = 32,
         clock = _Clock()
         search = make_search(algo, _TimedSampler(sampler, clock), Ensemble([_TimedVerifier(v, clock) for v in verifiers]))
         start = time.perf_counter()
-        search.run(prompt, share_budget * K)
+        res = search.run(prompt, share_budget * K)
         total = time.perf_counter() - start
         parts = {c: clock.seconds.get(c, 0.0) for c in ("denoising", "decoding", "verifiers")}
         parts["everything else"] = max(0.0, total - sum(parts.values()))
-        out["shares"][algo] = {"seconds": total, **{c: s / total for c, s in parts.items()}}
+        # a verifier call (one image, every verifier) priced in NFEs: its seconds over those of one NFE, measured here
+        nfe = res.nfe + res.baseline_nfe
+        per_call = (parts["verifiers"] / res.verifier_calls) / (parts["denoising"] / nfe) if nfe and parts["denoising"] else 0.0
+        out["shares"][algo] = {"seconds": total, **{c: s / total for c, s in parts.items()}, "nfe": nfe,
+                               "verifier_calls": res.verifier_calls, "nfe_per_call": per_call}
     if log:
         log("perf: shares measured for " + ", ".join(out["shares"]))
 
@@ -165,6 +169,10 @@ def perf(model: str = "shapes", prompt: str | None = None, candidates: int = 32,
         out["real"] = {"model": real, "size": real_size, "denoiser_step_s": step,
                        "verifiers": {v: {"s_per_image": s, "nfe_equivalents": s / step}
                                      for v, s in speed["seconds_per_image"].items()}}
+        # the model's own verifiers at real size (those measured), for each search's calls
+        own = [v for v in entry.default_verifiers if v in out["real"]["verifiers"]]
+        out["real"]["per_call"] = {"verifiers": own,
+                                   "nfe_equivalents": sum(out["real"]["verifiers"][v]["nfe_equivalents"] for v in own)}
     return out
 
 # %% ../../nbs/benchmarks/05_perf.ipynb #336e5149
@@ -181,11 +189,24 @@ def format_perf(report: dict) -> str:
              "## Batching", "", "| batch | candidates / s | speed-up over batch 1 |", "| --- | --- | --- |"]
     for b, v in report["batching"].items():
         lines.append(f"| {b} | {v['candidates_per_s']:.2f} | {v['speedup']:.2f} |")
-    lines += ["", "## Where the time goes", "", "| search | seconds | denoising | decoding | verifiers | everything else |",
-              "| --- | --- | --- | --- | --- | --- |"]
+    real = report.get("real", {}).get("per_call")
+    lines += ["", "## Where the time goes, and what verifier calls cost in NFEs", "",
+              "Each search at the same budget. NFEs: all it spent (a baseline outside its budget included); verifier "
+              "calls: the images the verifiers scored (previews included), and their price in NFEs: each call's "
+              "seconds over one NFE's, measured in this run" +
+              (f", and at real size ({report['real']['model']} at {report['real']['size']} px, the model's verifiers "
+               f"{' + '.join(real['verifiers'])}: {real['nfe_equivalents']:.3f} NFEs a call, below)" if real else "") + ".", "",
+              "| search | seconds | denoising | decoding | verifiers | everything else | NFEs | verifier calls | "
+              "calls in NFEs (here)" + (" | calls in NFEs (real size)" if real else "") + " |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | ---" + (" | ---" if real else "") + " |"]
     for a, s in report["shares"].items():
+        calls = s.get("verifier_calls")
+        extra = ["-", "-", "-"] if calls is None else [str(s["nfe"]), str(calls), f"{calls * s['nfe_per_call']:.1f}"]
+        if real:
+            extra.append("-" if calls is None else f"{calls * real['nfe_equivalents']:.1f}")
         lines.append(f"| {a} | {s['seconds']:.2f} | " +
-                     " | ".join(f"{100 * s[c]:.1f}%" for c in ("denoising", "decoding", "verifiers", "everything else")) + " |")
+                     " | ".join(f"{100 * s[c]:.1f}%" for c in ("denoising", "decoding", "verifiers", "everything else"))
+                     + " | " + " | ".join(extra) + " |")
     if "real" in report:
         re_ = report["real"]
         lines += ["", "## Verifiers in denoiser steps (real size, random weights)", "",

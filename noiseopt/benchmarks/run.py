@@ -47,10 +47,11 @@ class _Judges:
 
 
 def _row(k: int, prompt: str, algo: str, budget: int, seed: int, res, best: int, nfe: int, judges: _Judges,
-         from_trajectory: bool) -> dict:
+         from_trajectory: bool, calls: int | None = None) -> dict:
     base, chosen = res.baseline, res.candidates[best]
     return {"prompt_index": k, "prompt": prompt, "algo": algo, "budget": budget, "seed": seed, "nfe": int(nfe),
             "total_nfe": int(nfe) + int(res.baseline_nfe), "num_steps": int(res.settings["num_steps"]),
+            "verifier_calls": int(res.verifier_calls if calls is None else calls),
             "from_trajectory": from_trajectory, "baseline": base.scores, "best": chosen.scores,
             "best_seeds": chosen.seeds, "best_step": chosen.step, **judges.fields(base, chosen, prompt)}
 
@@ -76,7 +77,9 @@ def search_rows(make: Callable, k: int, prompt: str, algo: str, budgets: Sequenc
         for b in budgets:
             within = [i for i in record.eligible() if res.candidates[i].nfe <= b]
             best = record.best(within)
-            rows.append(_row(k, prompt, algo, b, seed, res, best, max(res.candidates[i].nfe for i in within), judges, True))
+            spent = max(res.candidates[i].nfe for i in within)
+            calls = sum(1 for c in res.candidates if c.nfe <= spent)  # the images scored by then
+            rows.append(_row(k, prompt, algo, b, seed, res, best, spent, judges, True, calls))
         return rows
     for b in budgets:
         res = make(algo).run(prompt, b, seed=seed)

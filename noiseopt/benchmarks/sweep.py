@@ -97,14 +97,15 @@ def sweep(prompts: Sequence[str], grid: dict[str, list[dict]] | None = None, bud
 def format_sweep(report: dict) -> str:
     "Returns the sweep as a markdown table, one row per configuration."
     has_check = "best_pass" in report["runs"][0]["rows"][0]
-    head = ["algo", "settings", "NFEs"] + (["checker: baseline -> best"] if has_check else [])
+    names = list(report["runs"][0]["rows"][0]["best"])
+    head = ["algo", "settings", "NFEs"] + [f"{n} (best)" for n in names] + (["checker: baseline -> best"] if has_check else [])
     head += ["utility gain (pair)", "best beats baseline"]
     lines = [f"{len(report['prompts'])} prompts, budget {report['budget']} NFEs each, seeds from {report['seed']}", "",
              "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for run in report["runs"]:
         rows = run["rows"]
         cells = [run["algo"], ", ".join(f"{k}={v}" for k, v in run["kwargs"].items()),
-                 f"{np.mean([r['nfe'] for r in rows]):.0f}"]
+                 f"{np.mean([r['nfe'] for r in rows]):.0f}"] + [f"{np.mean([r['best'][n] for r in rows]):.3f}" for n in names]
         if has_check:
             cells.append(f"{100 * np.mean([r['baseline_pass'] for r in rows]):.0f}% -> "
                          f"{100 * np.mean([r['best_pass'] for r in rows]):.0f}%")

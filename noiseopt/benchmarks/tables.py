@@ -15,7 +15,8 @@ from .data import _flag, _order
 
 
 # %% auto #0
-__all__ = ['t975', 'mean_ci', 'rate_ci', 'summarize', 'method_label', 'format_table', 'table_csv']
+__all__ = ['t975', 'mean_ci', 'rate_ci', 'summarize', 'method_label', 'format_table', 'table_csv', 'curve_match', 'nfes_to_match',
+           'format_match']
 
 # %% ../../nbs/benchmarks/01_tables.ipynb #52444534
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -100,11 +101,15 @@ def summarize(rows: Sequence[dict], title: str = "") -> dict:
             skipped = [r.get("min_budget") for r in mine if r["budget"] == b and "skipped" in r]
             point = {"budget": b, "n": len(at), "needs": skipped[0] if skipped and not at else None,
                      "nfe": float(np.mean([r["nfe"] for r in at])) if at else None,
-                     "total_nfe": float(np.mean([r.get("total_nfe", r["nfe"]) for r in at])) if at else None}
+                     "total_nfe": float(np.mean([r.get("total_nfe", r["nfe"]) for r in at])) if at else None,
+                     "verifier_calls": float(np.mean([r["verifier_calls"] for r in at]))
+                     if at and all("verifier_calls" in r for r in at) else None}
             point.update({m["key"]: _stat(at, m, "best") for m in metrics} if at else {})
             points.append(point)
         summary["algos"][a] = {"points": points, "from_trajectory": any(r.get("from_trajectory") for r in mine)}
     summary["labels"] = {a: method_label(a, summary) for a in algos}  # the rows' names, for tables and curves alike
+    if "random" in algos and len(algos) > 1:
+        summary["match"] = nfes_to_match(done)
     return summary
 
 
@@ -128,28 +133,32 @@ def _cell(stat: dict, kind: str) -> str:
 def format_table(summary: dict) -> str:
     "Returns the reference table's form at each budget, as markdown."
     ms, K = summary["metrics"], summary["num_steps"]
-    head = ["method", "NFEs", "total NFEs", "prompts"] + [m["label"] for m in ms]
+    head = ["method", "NFEs", "total NFEs", "verifier calls", "prompts"] + [m["label"] for m in ms]
     read_off = [a for a, s in summary["algos"].items() if s["from_trajectory"]]
     lines = [f"**{summary['title']}**", "",
              "Means over prompts with their 95% confidence intervals (± : Student's t; [ ] : Wilson, for the "
              "checker's accuracy). NFEs: the mean the search spent of its budget (what the curves plot); total NFEs: "
-             "with the baseline that paths and more steps sample outside their budget." +
+             "with the baseline that some searches sample outside their budget; verifier calls: the images each "
+             "verifier scored (previews included)." +
              (f" Read off one run at the largest budget: {', '.join(read_off)}." if read_off else "")]
     base = summary["baseline"]
     for b in summary["budgets"]:
         lines += ["", f"#### budget {b} NFEs" + (f" ({b / K:g} " + ("sample's" if b == K else "samples'") + " worth)" if K else ""), "",
                   "| " + " | ".join(head) + " |", "|" + " --- |" * len(head),
-                  "| random noise (1 sample) | " + f"{K} | {K} | {base[ms[0]['key']]['n'] if ms else 0} | " +
+                  "| random noise (1 sample) | " + f"{K} | {K} | 1 | {base[ms[0]['key']]['n'] if ms else 0} | " +
                   " | ".join(_cell(base[m["key"]], m["kind"]) for m in ms) + " |"]
         for a, s in summary["algos"].items():
             p = next(p for p in s["points"] if p["budget"] == b)
             if p["n"] == 0:
                 why = f"needs >= {p['needs']}" if p["needs"] else "-"
-                lines.append(f"| {method_label(a, summary)} | {why} | - | 0 | " + " | ".join("-" for _ in ms) + " |")
+                lines.append(f"| {method_label(a, summary)} | {why} | - | - | 0 | " + " | ".join("-" for _ in ms) + " |")
                 continue
             total = p.get("total_nfe")
-            lines.append(f"| {method_label(a, summary)} | {p['nfe']:.0f} | {p['nfe'] if total is None else total:.0f} | {p['n']} | " +
-                         " | ".join(_cell(p[m["key"]], m["kind"]) for m in ms) + " |")
+            calls = "-" if p.get("verifier_calls") is None else f"{p['verifier_calls']:.0f}"
+            lines.append(f"| {method_label(a, summary)} | {p['nfe']:.0f} | {p['nfe'] if total is None else total:.0f} | "
+                         f"{calls} | {p['n']} | " + " | ".join(_cell(p[m["key"]], m["kind"]) for m in ms) + " |")
+    if summary.get("match"):
+        lines += ["", format_match(summary)]
     return "\n".join(lines) + "\n"
 
 # %% ../../nbs/benchmarks/01_tables.ipynb #6c70b86a
@@ -175,3 +184,76 @@ def table_csv(summary: dict) -> str:
                 w.writerow([b, method_label(a, summary), a, f"{p['nfe']:.1f}", f"{p['nfe'] if total is None else total:.1f}", p["n"]] +
                            [f"{p[m['key']][x]:.6g}" for m in ms for x in ("mean", "lo", "hi")])
     return buf.getvalue()
+
+# %% ../../nbs/benchmarks/01_tables.ipynb #b5548396
+def curve_match(budgets: Sequence[float], values: Sequence[float], target: float) -> tuple[float, str]:
+    """Returns where a curve (`values` at increasing `budgets`) first reaches `target`, interpolated linearly on
+    log-budget, and a flag: `''`, `'<='` (already at the first budget) or `'>'` (never: `inf`)."""
+    if values[0] >= target:
+        return float(budgets[0]), "<="
+    for b0, v0, b1, v1 in zip(budgets, values, budgets[1:], values[1:]):
+        if v1 >= target > v0:
+            t = (target - v0) / (v1 - v0)
+            return float(math.exp(math.log(b0) + t * (math.log(b1) - math.log(b0)))), ""
+    return math.inf, ">"
+
+
+def nfes_to_match(rows: Sequence[dict], reference: str = "random", boots: int = 2000, seed: int = 0) -> dict:
+    """Returns, for every other algorithm and budget, the budget `reference` needs to match its mean on each metric
+    (`curve_match` on the reference's curve), its factor over the NFEs spent and the factor's paired bootstrap
+    interval over prompts: `{algo: {budget: {metric key: {match, flag, factor, lo, hi}}}}`."""
+    done = [r for r in rows if "skipped" not in r]
+    metrics = _metrics(done)
+    ref = [r for r in done if r["algo"] == reference]
+    ref_budgets = sorted({r["budget"] for r in ref})
+    ref_prompts = sorted(set.intersection(*[{r["prompt_index"] for r in ref if r["budget"] == b} for b in ref_budgets])) \
+        if ref_budgets else []
+    if not ref_prompts:
+        return {}
+    by = {(r["algo"], r["budget"], r["prompt_index"]): r for r in done}
+    rng = np.random.default_rng(seed)
+    out: dict = {}
+    for a in sorted({r["algo"] for r in done} - {reference}, key=_order):
+        for b in sorted({r["budget"] for r in done if r["algo"] == a}):
+            prompts = [k for k in ref_prompts if (a, b, k) in by]
+            if not prompts:
+                continue
+            nfe = float(np.mean([by[(a, b, k)]["nfe"] for k in prompts]))
+            xs = [float(np.mean([by[(reference, rb, k)]["nfe"] for k in prompts])) for rb in ref_budgets]
+            idx = rng.integers(0, len(prompts), size=(boots, len(prompts)))
+            cells = {}
+            for m in metrics:
+                curve = np.array([[float(_value(by[(reference, rb, k)], m, "best")) for rb in ref_budgets] for k in prompts])
+                mine = np.array([float(_value(by[(a, b, k)], m, "best")) for k in prompts])
+                match, flag = curve_match(xs, curve.mean(0).tolist(), float(mine.mean()))
+                boot_curves, boot_mine = curve[idx].mean(1), mine[idx].mean(1)
+                factors = np.array([curve_match(xs, c.tolist(), t)[0] for c, t in zip(boot_curves, boot_mine)]) / nfe
+                cells[m["key"]] = {"match": match, "flag": flag, "factor": match / nfe, "nfe": nfe,
+                                   "lo": float(np.percentile(factors, 2.5, method="lower")),  # no arithmetic on inf
+                                   "hi": float(np.percentile(factors, 97.5, method="higher"))}
+            out.setdefault(a, {})[b] = cells
+    return out
+
+
+def _factor(x: float) -> str:
+    return "inf" if math.isinf(x) else f"{x:.2g}" if x < 10 else f"{x:.0f}"
+
+
+def format_match(summary: dict) -> str:
+    "Returns the table of NFEs to match (`nfes_to_match`) as markdown: one row per search and budget."
+    ms, match = summary["metrics"], summary["match"]
+    top = max(summary["budgets"])
+    lines = ["#### NFEs to match: what best-of-N (random) needs for the same mean, and the efficiency factor", "",
+             "Read off random search's own curve, interpolated on log-budget; the factor is that budget over the NFEs "
+             f"the search spent, with its 95% paired bootstrap interval over prompts. \"> {top}\": random search never "
+             "reaches it within the benchmark.", "",
+             "| method | budget | NFEs | " + " | ".join(m["label"] for m in ms) + " |", "|" + " --- |" * (3 + len(ms))]
+    for a, by_budget in match.items():
+        for b, cells in by_budget.items():
+            row = [summary["labels"].get(a, a), str(b), f"{next(iter(cells.values()))['nfe']:.0f}"]
+            for m in ms:
+                c = cells[m["key"]]
+                at = f"> {top}" if c["flag"] == ">" else f"{c['flag']}{c['match']:.0f}"
+                row.append(f"{at} (x{_factor(c['factor'])}) [{_factor(c['lo'])}, {_factor(c['hi'])}]")
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)

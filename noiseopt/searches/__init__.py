@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['Run', 'RunRecord', 'Search', 'CheckpointStore', 'make_search', 'search_state', 'RandomSearch', 'ZeroOrderSearch',
-           'PathSearch', 'CombinedSearch', 'MoreSteps']
+           'PathSearch', 'CombinedSearch', 'MoreSteps', 'PruneSearch', 'ParticleSearch', 'BeamSearch',
+           'CrossEntropySearch']
 
 # %% ../../nbs/searches/index.ipynb #d1b6e915
 from .core import (Run, RunRecord, Search, CheckpointStore, make_search,  # noqa: F401
@@ -14,6 +15,11 @@ from .zero_order import ZeroOrderSearch  # noqa: F401
 from .paths import PathSearch  # noqa: F401
 from .both import CombinedSearch  # noqa: F401
 from .more_steps import MoreSteps  # noqa: F401
+from .prune import PruneSearch  # noqa: F401
+from .smc import ParticleSearch  # noqa: F401
+from .beam import BeamSearch  # noqa: F401
+from .cem import CrossEntropySearch  # noqa: F401
 
 _all_ = ["Run", "RunRecord", "Search", "CheckpointStore", "make_search", "search_state", "RandomSearch",
-         "ZeroOrderSearch", "PathSearch", "CombinedSearch", "MoreSteps"]
+         "ZeroOrderSearch", "PathSearch", "CombinedSearch", "MoreSteps", "PruneSearch", "ParticleSearch",
+         "BeamSearch", "CrossEntropySearch"]

@@ -18,16 +18,16 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..core import (Budget, Candidate, SearchResult, _atomic_write, candidate_files, is_final,  # noqa: F401
-                           latent_bytes, png_bytes, read_candidate_files)
+from ..core import (Budget, Candidate, SearchResult, _atomic_write, candidate_files, generators_from_seeds,  # noqa: F401
+                           is_final, latent_bytes, png_bytes, randn, read_candidate_files)
 from ..ensemble import Ensemble
-from ..errors import BudgetError, ConfigError, Interrupted, whole_number
+from ..errors import BudgetError, ConfigError, Interrupted, SchedulerError, whole_number
 from ..registry import SEARCHES, factory_options
 from ..samplers import check_prompt, require_restartable
 
 # %% auto #0
 __all__ = ['derive_seed', 'noise_key', 'Run', 'RunRecord', 'search_state', 'state_to_json', 'state_from_json', 'another_run',
-           'CheckpointStore', 'Search', 'watched', 'make_search']
+           'CheckpointStore', 'Search', 'watched', 'step_from_x0', 'make_search']
 
 # %% ../../nbs/searches/00_core.ipynb #52c9c38a
 def derive_seed(seed: int, k: int) -> int:
@@ -335,6 +335,8 @@ class Search:
     #: the configurations `noiseopt sweep` compares to choose its defaults (path options in noise levels)
     sweep_grid: tuple[dict, ...] = ()
     needs_restartable = False
+    #: whether it continues from its previews (`continue_from`), which needs the sampler's `levels`
+    needs_levels = False
 
     @property
     def record(self):
@@ -344,6 +346,9 @@ class Search:
     def __init__(self, sampler, ensemble, batch_size: int | None = None):
         if self.needs_restartable:
             require_restartable(sampler, f"{self.algo} search")
+            if self.needs_levels and getattr(sampler, "levels", None) is None:
+                raise SchedulerError(f"{self.algo} search continues from its previews' clean estimates and needs the "
+                                     f"noise levels of the sampler's states (`levels`), which {sampler!r} does not give")
         batch_size = None if batch_size is None else whole_number(batch_size, "batch_size")
         self.sampler = sampler
         self.ensemble = ensemble if isinstance(ensemble, Ensemble) else Ensemble(ensemble)
@@ -438,6 +443,47 @@ class Search:
                               baseline_only=True)[0]
         run.record.set_baseline(idx)
         return idx
+
+    def best_of(self, run: Run, n: int, why: str | None = None):
+        """Spends the budget on `n` fresh noises, fully sampled (where the search's own plan does not fit, `why` says
+        so in `report["plan"]`); the first is the baseline if none is. Returns `None`: the search is done."""
+        if why is not None:
+            run.record.result.report["plan"] = {"samples": n, "nfe": n * self.steps, "why": why}
+        if n == 0:
+            return None
+        seeds, x = self.fresh_noise(run, n)
+        idx = self.sample(run, x, [[s] for s in seeds])
+        if run.record.result.baseline_index is None:
+            run.record.set_baseline(idx[0])
+        return None
+
+    def preview(self, run: Run, x: torch.Tensor, step: int, chains, parents=None, **info) -> tuple[list[int], torch.Tensor]:
+        """Scores states `x` at `step` on their decoded clean-latent estimate, records them as candidates at `step` and
+        returns their indices and the estimates.
+
+        Each preview costs one NFE, charged: the denoiser's output at `step`, the very one the sampler's next step
+        would compute, so that `step_from_x0` continues from the estimate without another NFE. The candidates'
+        verifier calls count like any other (`SearchResult.verifier_calls`)."""
+        cost = 1 if step < self.steps else 0
+        run.charge(len(x) * cost)
+        keys = [noise_key(c) for c in chains]
+        x0 = self.batched(lambda xb, kb: self.sampler.predict_x0(xb, run.cond, step, seeds=kb), x, keys, run)
+        idx = run.record.add(run, self.sampler.decode(x0), chains, step, cost, parents,
+                             x0 if step == self.steps else None, preview=step < self.steps, **info)
+        return idx, x0
+
+    def continue_from(self, run: Run, x: torch.Tensor, x0: torch.Tensor, step: int, stop: int, chains,
+                      eta: float = 0.0, seeds: Sequence[int] | None = None) -> torch.Tensor:
+        """Returns the states at `stop` of states `x` at `step` whose clean estimates `x0` a preview gave: one step by
+        `step_from_x0` (no NFE; with a share `eta` of fresh noise drawn from `seeds`, one per state), then the
+        sampler's own steps to `stop` (charged, `stop - step - 1` NFEs each)."""
+        gens = generators_from_seeds(seeds) if eta > 0 else None
+        x = step_from_x0(self.sampler.levels, x, x0, step, eta, gens)
+        if stop == step + 1:
+            return x
+        run.charge(len(x) * (stop - step - 1))
+        keys = [noise_key(c) for c in chains]
+        return self.batched(lambda xb, kb: self.sampler.denoise(xb, run.cond, step + 1, stop, seeds=kb), x, keys, run)
 
     # --- the loop ---
     def run(self, prompt: str, budget: int, seed: int = 0, out: str | os.PathLike | None = None,
@@ -630,6 +676,22 @@ def _update(bar, run: Run, record: RunRecord) -> None:
     eligible = record.eligible()
     if eligible:
         bar.set_postfix({k: f"{v:.3g}" for k, v in record.candidates[record.best(eligible)].scores.items()})
+
+# %% ../../nbs/searches/00_core.ipynb #35fbf3b0
+def step_from_x0(levels, x: torch.Tensor, x0: torch.Tensor, step: int, eta: float = 0.0,
+                 generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+    """Returns the states at `step + 1` from states `x` at `step` and their clean estimates `x0` (a DDIM step on the
+    sampler's `levels`), the noise estimate mixed with a share `eta` of fresh noise drawn from `generators` (one per
+    state); computed in float32 and returned in `x`'s dtype, on its device."""
+    if not 0 <= eta <= 1:
+        raise ConfigError(f"eta is the share of fresh noise in a stochastic step, in [0, 1], got {eta!r}")
+    (a, s), (a2, s2) = [[float(v) for v in levels[k]] for k in (step, step + 1)]
+    x0 = x0.to(x.device).float()
+    eps = (x.float() - a * x0) / s
+    if eta > 0:
+        z = randn(x.shape, generators, device=x.device, dtype=torch.float32)
+        eps = math.sqrt(1 - eta**2) * eps + eta * z
+    return (a2 * x0 + s2 * eps).to(x.dtype)
 
 # %% ../../nbs/searches/00_core.ipynb #5cc91a01
 def make_search(algo, sampler, ensemble, **options) -> Search:

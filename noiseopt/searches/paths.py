@@ -191,16 +191,6 @@ class PathSearch(Search):
             states = self.batched(lambda xb, kb: self.sampler.denoise(xb, run.cond, 0, s, seeds=kb), x, keys, run)
         return PathState(states, chains, keys, list(parents), s, plan["per_path"], plan["extra"])
 
-    def best_of(self, run, n: int):
-        "Spends the budget on `n` fresh noises, fully sampled (no round of paths fits); the first is the baseline if none is."
-        if n == 0:
-            return None
-        seeds, x = self.fresh_noise(run, n)
-        idx = self.sample(run, x, [[s] for s in seeds])
-        if run.record.result.baseline_index is None:
-            run.record.set_baseline(idx[0])
-        return None
-
     def begin(self, run):
         plan = self.plan(run.remaining)
         run.record.result.report["plan"] = plan

@@ -26,6 +26,7 @@ class RandomSearch(Search):
     algo = "random"
     label = "random"
     curve_from_one_run = True
+    sweep_grid = (dict(),)  # no options: the reference row of a sweep (`noiseopt sweep --algos random,...`)
 
     def begin(self, run):
         run.record.set_baseline(0)
