@@ -1147,4 +1147,5 @@ d = { 'settings': { 'branch': 'main',
                               'noiseopt.viz.image_grid': ('viz.html#image_grid', 'noiseopt/viz.py'),
                               'noiseopt.viz.plot_scaling': ('viz.html#plot_scaling', 'noiseopt/viz.py'),
                               'noiseopt.viz.plot_trajectory': ('viz.html#plot_trajectory', 'noiseopt/viz.py'),
+                              'noiseopt.viz.plot_tree': ('viz.html#plot_tree', 'noiseopt/viz.py'),
                               'noiseopt.viz.trajectory': ('viz.html#trajectory', 'noiseopt/viz.py')}}}

@@ -11,8 +11,8 @@ from typing import Sequence
 from .core import SearchResult
 
 # %% auto #0
-__all__ = ['trajectory', 'plot_trajectory', 'LiveTrajectory', 'image_grid', 'candidate_grid', 'compare', 'plot_scaling',
-           'CandidateBrowser']
+__all__ = ['trajectory', 'plot_trajectory', 'LiveTrajectory', 'plot_tree', 'image_grid', 'candidate_grid', 'compare',
+           'plot_scaling', 'CandidateBrowser']
 
 # %% ../nbs/07_viz.ipynb #87336f9b
 def _eligible(result: SearchResult) -> list[int]:
@@ -107,6 +107,45 @@ class LiveTrajectory:
         else:
             self.handle.update(fig)
         plt.close(fig)
+
+# %% ../nbs/07_viz.ipynb #5fa09777
+def plot_tree(result: SearchResult, verifiers: Sequence[str] | None = None):
+    """Returns a matplotlib figure of a search's candidates by the step each was scored at (previews, then finished
+    samples), each joined to the candidate it continued from (`parent`), one panel per verifier (default: all); the
+    chosen one starred, the baseline's score dashed."""
+    import math
+
+    import matplotlib.pyplot as plt
+
+    cands = result.candidates
+    names = list(verifiers or (cands[0].scores if cands else []))
+    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(4.2 * max(1, len(names)), 3.2), squeeze=False)
+    final = set(result.eligible())
+    for ax, name in zip(axes[0], names):
+        ok = lambda c: not math.isnan(c.scores.get(name, math.nan))  # noqa: E731
+        for c in cands:
+            if c.parent is not None and not c.info.get("baseline_only") and ok(c) and ok(cands[c.parent]):
+                p = cands[c.parent]
+                ax.plot([p.step, c.step], [p.scores[name], c.scores[name]], color="0.7", linewidth=0.6, zorder=1)
+        groups = (("previews (clean estimates)", [c for i, c in enumerate(cands) if i not in final and ok(c)
+                                                 and not c.info.get("baseline_only")], "0.45", 9),
+                  ("finished samples", [cands[i] for i in sorted(final) if ok(cands[i])], "C0", 16))
+        for label, cs, color, size in groups:
+            if cs:
+                ax.scatter([c.step for c in cs], [c.scores[name] for c in cs], s=size, color=color, label=label, zorder=2)
+        if result.best is not None and ok(result.best):
+            ax.scatter([result.best.step], [result.best.scores[name]], marker="*", s=140, color="C3", zorder=3,
+                       label="chosen")
+        if result.baseline is not None and ok(result.baseline):
+            ax.axhline(result.baseline.scores[name], color="black", linestyle="--", linewidth=0.8, label="first noise")
+        ax.set_xlabel("denoising step scored at")
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+    if names:
+        axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{result.algo}: {result.prompt}", fontsize=9)
+    fig.tight_layout()
+    return fig
 
 # %% ../nbs/07_viz.ipynb #521b9d66
 def _hwc(image):
@@ -230,7 +269,9 @@ def plot_scaling(summary: dict, metrics: Sequence[str] | None = None):
     from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
     ms = [m for m in summary["metrics"] if metrics is None or m["key"] in metrics or m["name"] in metrics]
-    fig, axes = plt.subplots(1, max(1, len(ms)), figsize=(4.2 * max(1, len(ms)), 3.6), squeeze=False)
+    rows = -(-(len(summary["algos"]) + 1) // 4)  # the legend's rows: every algorithm and the one-sample baseline
+    fig, axes = plt.subplots(1, max(1, len(ms)), figsize=(4.2 * max(1, len(ms)), 3.2 + 0.22 * rows), squeeze=False)
+    styles = ["-", "--", "-.", ":"]
     base = summary["baseline"]
     for ax, m in zip(axes[0], ms):
         scale = 100 if m["kind"] == "checker" else 1
@@ -243,7 +284,9 @@ def plot_scaling(summary: dict, metrics: Sequence[str] | None = None):
             lo = [scale * p[m["key"]]["lo"] for p in pts]
             hi = [scale * p[m["key"]]["hi"] for p in pts]
             label = summary.get("labels", {}).get(a, a) + (" (read off one run)" if s["from_trajectory"] else "")
-            line, = ax.plot(xs, ys, marker="o", markersize=3, label=label)
+            k = list(summary["algos"]).index(a)  # ten colours, then the next line style: nine searches stay apart
+            line, = ax.plot(xs, ys, marker="o", markersize=3, label=label, color=f"C{k % 10}",
+                            linestyle=styles[(k // 10) % len(styles)] if k >= 10 else ("-" if k < 5 else "--"))
             ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
         b = base[m["key"]]
         if b["n"]:
@@ -261,7 +304,7 @@ def plot_scaling(summary: dict, metrics: Sequence[str] | None = None):
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=8, frameon=False)
     fig.suptitle(summary.get("title", ""), fontsize=10)
-    fig.tight_layout(rect=(0, 0.14, 1, 1))
+    fig.tight_layout(rect=(0, 0.05 + 0.055 * rows, 1, 1))
     return fig
 
 # %% ../nbs/07_viz.ipynb #afe35605

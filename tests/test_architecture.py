@@ -306,7 +306,7 @@ def test_help_imports_no_torch():
     done = subprocess.run([sys.executable, "-c", HELP], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("NO-TORCH")
-    assert "registered: both, paths, random, steps, zo" in " ".join(done.stdout.split())  # names from the registry
+    assert "registered: beam, both, cem, paths, prune, random, smc, steps, zo" in " ".join(done.stdout.split())  # the registry's
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------------

@@ -51,11 +51,13 @@ def test_prompt_sets(tmp_path):
     f.write_text("a red circle\n\n  a blue square  \n")
     assert load_prompts(str(f)) == ("mine.txt", ["a red circle", "a blue square"])
     assert len(load_prompts("shapes-eval", "shapes")[1]) == 200
+    train = load_prompts("shapes-train", "shapes")[1]  # what the sweeps tune on: never a shapes-eval prompt
+    assert len(train) > 200 and not set(train) & set(load_prompts("shapes-eval", "shapes")[1])
     assert len(load_prompts("reference")[1]) == 4
     (tmp_path / "empty.txt").write_text("\n \n")
     with pytest.raises(ConfigError, match="holds no prompt"):
         load_prompts(str(tmp_path / "empty.txt"))
-    with pytest.raises(ConfigError, match="unknown prompt set 'nope'.*shapes-eval, reference, drawbench"):
+    with pytest.raises(ConfigError, match="unknown prompt set 'nope'.*shapes-eval, shapes-train, reference, drawbench"):
         load_prompts("nope", "shapes")
     with pytest.raises(NoiseoptError, match="could not fetch the drawbench prompts"):  # the tests are offline
         load_prompts("drawbench")
@@ -77,8 +79,8 @@ def test_summary_intervals_and_skips():
     assert p["n"] == 3 and p["search/v"]["mean"] == 3.0 and p["checker"]["mean"] == 2 / 3
     assert s["algos"]["paths"]["points"][0]["needs"] == 50
     table = format_table(s)
-    assert "| ensemble + paths" not in table and "| v + paths | needs >= 50 | - | 0 |" in table
-    assert "| random noise (1 sample) | 25 | 25 | 3 | 0.000 ± 0.000 | 0% [0, 56] |" in table
+    assert "| ensemble + paths" not in table and "| v + paths | needs >= 50 | - | - | 0 |" in table
+    assert "| random noise (1 sample) | 25 | 25 | 1 | 3 | 0.000 ± 0.000 | 0% [0, 56] |" in table
 
 
 def _bench(out, *extra, launcher=(sys.executable, "-m", "noiseopt.bench"), **kw):

@@ -189,6 +189,10 @@ def test_searches_that_continue_from_previews_refuse_samplers_that_cannot():
         with pytest.raises(SchedulerError, match="mid-schedule"):
             cls(s, [Bright()])
     s = ToySampler(num_steps=10)
+    by_name = make_search("prune:at=0.9/0.6,keep=0.3", s, [Bright()])  # levels on the command line: slash-separated
+    assert by_name.at == (0.9, 0.6) and by_name.keep == 0.3 and by_name.settings()["at"] == (0.9, 0.6)
+    with pytest.raises(ConfigError, match="noise level"):
+        make_search("beam:at=0.9/high", s, [Bright()])
     s.levels = None
     with pytest.raises(SchedulerError, match="levels"):
         PruneSearch(s, [Bright()])

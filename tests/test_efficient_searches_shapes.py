@@ -28,3 +28,18 @@ def test_the_chosen_image_beats_the_first_noise_on_the_checker(comparison, algo)
     assert best > base, (algo, base, best)
     if algo != "cem":  # previews are scored: more verifier calls than samples' worth
         assert all(r["verifier_calls"] > 200 // 25 for r in rows)
+
+
+@pytest.mark.slow
+def test_the_command_line_runs_each_by_name(tmp_path):
+    import json
+    import subprocess
+
+    for algo in ("prune:at=0.9/0.6", "smc", "beam:beams=2", "cem"):
+        out = tmp_path / algo.split(":")[0]
+        done = subprocess.run(["noiseopt", "search", "a red circle left of a blue square", "--algo", algo, "--budget", "75",
+                               "--out", str(out), "--quiet"], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        record = json.loads((out / "result.json").read_text())
+        assert record["algo"] == algo.split(":")[0] and 50 < record["nfe"] <= 75
+        assert record["verifier_calls"] == len(record["candidates"]) and "checker" in done.stdout

@@ -217,7 +217,7 @@ def test_a_search_in_one_class_and_one_registry_line_shows_in_the_cli_the_table_
         SEARCHES.unregister("halves")
     table = (tmp_path / "bench" / "table.md").read_text()
     summary = json.loads((tmp_path / "bench" / "summary.json").read_text())
-    assert "| ensemble + two at a time | 50 | 50 | 1 |" in table, table
+    assert "| ensemble + two at a time | 50 | 50 | 2 | 1 |" in table, table  # two images scored: verifier calls
     assert summary["labels"]["halves"].endswith("two at a time") and summary["labels"]["steps"] == "more steps"
     from noiseopt.viz import plot_scaling
 

@@ -32,7 +32,13 @@ def checkpoint_steps(sampler, at: Sequence[float]) -> list[int]:
 
 
 def check_levels(at, name: str = "at") -> tuple[float, ...]:
-    "Returns noise levels given as one number or a sequence, each in (0, 1], as a tuple; refuses anything else."
+    """Returns noise levels given as one number, a sequence or a string (`"0.85/0.6"`: on the command line,
+    `--algo prune:at=0.85/0.6`), each in (0, 1], as a tuple; refuses anything else."""
+    if isinstance(at, str):
+        try:
+            at = tuple(float(a) for a in at.replace("/", " ").replace(",", " ").split())
+        except ValueError:
+            raise ConfigError(f"{name} is one noise level or several, e.g. 0.85/0.6, got {at!r}") from None
     at = (at,) if isinstance(at, (int, float)) and not isinstance(at, bool) else at
     if not isinstance(at, (list, tuple)) or not at or any(isinstance(a, bool) or not isinstance(a, (int, float))
                                                          or not 0 < a <= 1 for a in at):
