@@ -284,7 +284,7 @@ def plot_scaling(summary: dict, metrics: Sequence[str] | None = None):
             lo = [scale * p[m["key"]]["lo"] for p in pts]
             hi = [scale * p[m["key"]]["hi"] for p in pts]
             label = summary.get("labels", {}).get(a, a) + (" (read off one run)" if s["from_trajectory"] else "")
-            k = list(summary["algos"]).index(a)  # ten colours, then the next line style: nine searches stay apart
+            k = list(summary["algos"]).index(a)  # ten colours; the sixth on dashed, the eleventh on the next style
             line, = ax.plot(xs, ys, marker="o", markersize=3, label=label, color=f"C{k % 10}",
                             linestyle=styles[(k // 10) % len(styles)] if k >= 10 else ("-" if k < 5 else "--"))
             ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
@@ -414,6 +414,12 @@ class CandidateBrowser:
             raise ConfigError("saving a noise rebuilds it from its seeds: pass the sampler that made the result, "
                               "CandidateBrowser(result, sampler=...)")
         c = self.result.candidates[self.selected if index is None else index]
+        algo = self.result.algo
+        if algo == "cem":
+            raise ConfigError("a cross-entropy candidate's low band was drawn from its round's Gaussian, kept in the "
+                              "run's checkpoint, not in its seeds: its noise cannot be rebuilt from them")
+        if algo in ("paths", "prune", "smc", "beam"):  # later seeds re-noise or step: the root's noise is the first's
+            return self.sampler.noise([c.seeds[0]])
         settings = self.result.settings
         lam = settings.get("lam", ZO_DEFAULTS["lam"])
         if "lam" in settings and "cos" not in settings:  # a result of an older version, whose lam was the cosine

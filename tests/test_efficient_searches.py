@@ -109,6 +109,7 @@ def test_prune_finishes_the_best_previewed_and_its_finals_are_plain_samples():
     plan, c = res.report["plan"], search.checkpoints
     previews = [[i for i, x in enumerate(res.candidates) if x.info.get("stage") == j] for j in range(len(c))]
     assert [len(p) for p in previews] == plan["counts"][:-1] and plan["counts"][0] > plan["counts"][1] > plan["counts"][2]
+    assert plan["counts"][2] == max(1, math.ceil(plan["counts"][1] * 0.25)) == len(res.eligible())  # keep, at the last too
     for j, p in enumerate(previews):
         assert all(res.candidates[i].step == c[j] for i in p)
         ranked = sorted(p, key=lambda i: -res.candidates[i].scores["bright"])
@@ -144,6 +145,13 @@ def test_particles_resample_by_their_potential():
     assert len(set(lines)) == 8
     with pytest.raises(ConfigError, match="potential"):
         ParticleSearch(s, [Bright()], potential="mean")
+    for bad in (dict(eta=0.0), dict(lam=math.inf), dict(ess=1.5)):
+        with pytest.raises(ConfigError):
+            ParticleSearch(s, [Bright()], **bad)
+    # never resampled (ess=0): the weights carry over, adding up the potentials, and grow uneven
+    res = ParticleSearch(s, [Bright()], lam=2.0, ess=0.0, potential="sum").run("a cat", 80, seed=1)
+    ess = [next(c.info["ess"] for c in res.candidates if c.info.get("stage") == j) for j in range(4)]
+    assert ess[-1] < ess[0] and not any(c.info.get("resampled") for c in res.candidates)
 
 
 def test_beams_branch_from_the_best_previews():
@@ -181,6 +189,10 @@ def test_cem_keeps_the_noise_gaussian_and_moves_its_low_band():
     assert sum(late) / len(late) > sum(c.scores["bright"] for c in b.candidates[8:]) / len(late)  # it learned
     with pytest.raises(ConfigError, match="factor"):
         CrossEntropySearch(s, ens, factor=3)
+    with pytest.raises(ConfigError, match="fewer than the population"):
+        CrossEntropySearch(s, ens, population=2, elites=2)
+    with pytest.raises(ConfigError, match="identical"):
+        BeamSearch(s, ens, eta=0)
 
 
 def test_searches_that_continue_from_previews_refuse_samplers_that_cannot():
@@ -218,3 +230,8 @@ def test_nfes_to_match_reads_random_searchs_curve():
     assert cell["lo"] - 1e-9 <= 2.0 <= cell["hi"] + 1e-9
     text = format_table(s)
     assert "NFEs to match" in text and "100 (x2)" in text and "| 30 |" in text  # the verifier calls column
+    # a verifier that failed on one prompt (NaN) leaves that prompt out of the match, paired, instead of "> max"
+    rows[-1]["best"]["v"] = math.nan
+    cell = summarize(rows, "t")["match"]["prune"][50]["search/v"]
+    assert cell["flag"] == "" and 1.5 < cell["factor"] < 2.5
+    assert curve_match([25, 100], [1.0, math.nan], 0.5) == (pytest.approx(math.nan, nan_ok=True), "n/a")

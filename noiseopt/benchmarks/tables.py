@@ -189,6 +189,8 @@ def table_csv(summary: dict) -> str:
 def curve_match(budgets: Sequence[float], values: Sequence[float], target: float) -> tuple[float, str]:
     """Returns where a curve (`values` at increasing `budgets`) first reaches `target`, interpolated linearly on
     log-budget, and a flag: `''`, `'<='` (already at the first budget) or `'>'` (never: `inf`)."""
+    if math.isnan(target) or any(math.isnan(v) for v in values):
+        return math.nan, "n/a"
     if values[0] >= target:
         return float(budgets[0]), "<="
     for b0, v0, b1, v1 in zip(budgets, values, budgets[1:], values[1:]):
@@ -225,13 +227,22 @@ def nfes_to_match(rows: Sequence[dict], reference: str = "random", boots: int = 
             for m in metrics:
                 curve = np.array([[float(_value(by[(reference, rb, k)], m, "best")) for rb in ref_budgets] for k in prompts])
                 mine = np.array([float(_value(by[(a, b, k)], m, "best")) for k in prompts])
+                scored = ~(np.isnan(mine) | np.isnan(curve).any(1))  # a prompt a verifier failed on is left out, paired
+                if not scored.all():
+                    curve, mine = curve[scored], mine[scored]
+                    if not len(mine):
+                        continue
+                    idx_m = rng.integers(0, len(mine), size=(boots, len(mine)))
+                else:
+                    idx_m = idx
                 match, flag = curve_match(xs, curve.mean(0).tolist(), float(mine.mean()))
-                boot_curves, boot_mine = curve[idx].mean(1), mine[idx].mean(1)
+                boot_curves, boot_mine = curve[idx_m].mean(1), mine[idx_m].mean(1)
                 factors = np.array([curve_match(xs, c.tolist(), t)[0] for c, t in zip(boot_curves, boot_mine)]) / nfe
                 cells[m["key"]] = {"match": match, "flag": flag, "factor": match / nfe, "nfe": nfe,
                                    "lo": float(np.percentile(factors, 2.5, method="lower")),  # no arithmetic on inf
                                    "hi": float(np.percentile(factors, 97.5, method="higher"))}
-            out.setdefault(a, {})[b] = cells
+            if cells:
+                out.setdefault(a, {})[b] = cells
     return out
 
 
@@ -252,7 +263,10 @@ def format_match(summary: dict) -> str:
         for b, cells in by_budget.items():
             row = [summary["labels"].get(a, a), str(b), f"{next(iter(cells.values()))['nfe']:.0f}"]
             for m in ms:
-                c = cells[m["key"]]
+                c = cells.get(m["key"])
+                if c is None or c["flag"] == "n/a":
+                    row.append("-")
+                    continue
                 at = f"> {top}" if c["flag"] == ">" else f"{c['flag']}{c['match']:.0f}"
                 row.append(f"{at} (x{_factor(c['factor'])}) [{_factor(c['lo'])}, {_factor(c['hi'])}]")
             lines.append("| " + " | ".join(row) + " |")

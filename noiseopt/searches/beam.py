@@ -50,8 +50,9 @@ class BeamSearch(Search):
                  batch_size: int | None = None):
         super().__init__(sampler, ensemble, batch_size)
         self.beams, self.at = whole_number(beams, "beams"), check_levels(at)
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
-            raise ConfigError(f"eta is the share of fresh noise in a branching step, in [0, 1], got {eta!r}")
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 < eta <= 1:
+            raise ConfigError(f"eta is the share of fresh noise in a branching step, in (0, 1] (with none, the branches "
+                              f"of a state stay identical), got {eta!r}")
         self.eta = float(eta)
         self.checkpoints = checkpoint_steps(sampler, self.at)
 

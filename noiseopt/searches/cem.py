@@ -68,6 +68,9 @@ class CrossEntropySearch(Search):
                  min_std: float = CEM_DEFAULTS["min_std"], batch_size: int | None = None):
         super().__init__(sampler, ensemble, batch_size)
         self.population, self.elites = whole_number(population, "population"), whole_number(elites, "elites")
+        if self.elites >= self.population:
+            raise ConfigError(f"elites ({self.elites}) must be fewer than the population ({self.population}): the elites "
+                              "are the best of the samples so far, refitting the low band for the next round")
         self.factor = whole_number(factor, "factor")
         for name, v in (("smoothing", smoothing), ("min_std", min_std)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:

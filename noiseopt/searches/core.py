@@ -461,9 +461,11 @@ class Search:
         """Scores states `x` at `step` on their decoded clean-latent estimate, records them as candidates at `step` and
         returns their indices and the estimates.
 
-        Each preview costs one NFE, charged: the denoiser's output at `step`, the very one the sampler's next step
-        would compute, so that `step_from_x0` continues from the estimate without another NFE. The candidates'
-        verifier calls count like any other (`SearchResult.verifier_calls`)."""
+        Each preview costs one NFE, charged: the denoiser's output at `step`, which `step_from_x0` continues from
+        without another NFE. On deterministic DDIM and Euler schedules (flow-matching ones included; DDIM that clips
+        its clean estimate re-deriving the noise from it, as the shapes model's does) that step is the sampler's own;
+        on others (DDIM clipping without re-deriving, ancestral samplers) it is a DDIM step in its place. The
+        candidates' verifier calls count like any other (`SearchResult.verifier_calls`)."""
         cost = 1 if step < self.steps else 0
         run.charge(len(x) * cost)
         keys = [noise_key(c) for c in chains]

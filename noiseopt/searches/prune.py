@@ -22,7 +22,7 @@ __all__ = ['PRUNE_DEFAULTS', 'checkpoint_steps', 'check_levels', 'PruneState', '
 # %% ../../nbs/searches/06_prune.ipynb #prune11
 #: The defaults of preview pruning: previews at the noise levels `at` (each at the first state at or below it), the
 #: best share `keep` of the previewed trajectories going on at each (found by `noiseopt sweep` on training prompts)
-PRUNE_DEFAULTS = dict(at=(0.85, 0.6), keep=0.5)
+PRUNE_DEFAULTS = dict(at=(0.85,), keep=0.25)
 
 
 def checkpoint_steps(sampler, at: Sequence[float]) -> list[int]:
@@ -61,30 +61,31 @@ class PruneState:
 
 class PruneSearch(Search):
     """Successive halving over the schedule: start many noises, preview each live trajectory at a few checkpoints
-    (its decoded clean estimate, scored), keep the best share `keep`, finish the last ones; the number of noises
-    sized from the budget."""
+    (its decoded clean estimate, scored), keep the best share `keep` at each, finish those kept at the last; the number
+    of noises sized from the budget."""
     algo = "prune"
     label = "preview pruning"
     needs_restartable = needs_levels = True
     unit_name = "one more noise, previewed at the first checkpoint"
-    sweep_grid = (dict(at=(0.85,), keep=0.25), dict(at=(0.85, 0.6), keep=0.35), dict(at=(0.85, 0.6), keep=0.5),
-                  dict(at=(0.9, 0.7, 0.5), keep=0.5), dict(at=(0.7,), keep=0.2))
+    sweep_grid = (dict(at=(0.85,), keep=0.25), dict(at=(0.85,), keep=0.1), dict(at=(0.85, 0.6), keep=0.5),
+                  dict(at=(0.85, 0.6), keep=0.3), dict(at=(0.9, 0.7, 0.5), keep=0.5), dict(at=(0.7,), keep=0.2))
 
     def __init__(self, sampler, ensemble, at: float | Sequence[float] = PRUNE_DEFAULTS["at"],
-                 keep: float = PRUNE_DEFAULTS["keep"], starts: int | None = None, batch_size: int | None = None):
+                 keep: float = PRUNE_DEFAULTS["keep"], batch_size: int | None = None):
         super().__init__(sampler, ensemble, batch_size)
         self.at = check_levels(at)
         if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep < 1:
             raise ConfigError(f"keep is the share of previewed trajectories that go on, in (0, 1), got {keep!r}")
-        self.keep, self.starts = float(keep), None if starts is None else whole_number(starts, "starts", 2)
+        self.keep = float(keep)
         self.checkpoints = checkpoint_steps(sampler, self.at)
 
-    def counts(self, starts: int, finals: int = 1) -> list[int]:
-        "Returns how many trajectories are previewed at each checkpoint and how many are finished, for `starts` noises."
+    def counts(self, starts: int) -> list[int]:
+        """Returns how many trajectories are previewed at each checkpoint, then how many are finished, for `starts`
+        noises: the best share `keep` of those previewed at a checkpoint go on (at least one)."""
         out = [starts]
-        for _ in self.checkpoints[1:]:
-            out.append(min(out[-1], max(finals, math.ceil(out[-1] * self.keep))))
-        return out + [min(finals, out[-1])]
+        for _ in self.checkpoints:
+            out.append(max(1, math.ceil(out[-1] * self.keep)))
+        return out
 
     def plan_cost(self, counts: Sequence[int]) -> int:
         """Returns the NFEs of a plan: a trajectory dropped at checkpoint `c` cost `c + 1` (its steps and its preview),
@@ -93,34 +94,26 @@ class PruneSearch(Search):
         return sum((counts[j] - counts[j + 1]) * (c[j] + 1) for j in range(len(c))) + counts[-1] * self.steps
 
     def plan(self, budget: int) -> dict:
-        """Returns how `budget` NFEs are spent: `starts` noises (the search's, else as many as fit with one finished),
-        then as many finished as the rest pays for, then (without `starts`) more noises with what is left, each
-        previewed once at the first checkpoint: `counts` per checkpoint, `nfe`. Below two noises: best-of-N."""
-        cost = lambda n, f=1: self.plan_cost(self.counts(n, f))  # noqa: E731
+        """Returns how `budget` NFEs are spent: as many noises as it pays for (`counts` per checkpoint, then those
+        finished), then more noises with what is left, each previewed once at the first checkpoint and dropped there
+        unless better than the others: less than one such preview's worth (`c + 1` NFEs) is left. Below two noises,
+        best-of-N."""
+        cost = lambda n: self.plan_cost(self.counts(n))  # noqa: E731
         n = 1
-        while cost(n + 1) <= budget and (self.starts is None or n + 1 <= self.starts):
+        while cost(n + 1) <= budget:
             n += 1
         if n < 2:
             samples = budget // self.steps
             return {"starts": 0, "samples": samples, "nfe": samples * self.steps,
-                    "why": f"two noises previewed and one finished need {cost(2)} NFEs: best-of-{samples} instead"}
-        f = 1
-        while f + 1 <= self.counts(n)[-2] and cost(n, f + 1) <= budget:
-            f += 1
-        counts = self.counts(n, f)
-        if self.starts is None:  # the rest: more noises, dropped at the first checkpoint unless better than the others
-            counts[0] += (budget - self.plan_cost(counts)) // (self.checkpoints[0] + 1)
+                    "why": f"two noises previewed need {cost(2)} NFEs: best-of-{samples} instead"}
+        counts = self.counts(n)
+        counts[0] += (budget - self.plan_cost(counts)) // (self.checkpoints[0] + 1)
         return {"starts": counts[0], "counts": counts, "checkpoints": list(self.checkpoints),
                 "nfe": self.plan_cost(counts)}
 
     def unit_cost(self, run=None) -> int:
         plan = self.plan(run.budget.total) if run is not None else {}
-        if not plan.get("starts"):
-            return self.steps
-        if self.starts is None:
-            return self.checkpoints[0] + 1  # one more noise previewed at the first checkpoint
-        n, f = plan["starts"], plan["counts"][-1]
-        return min([self.plan_cost(self.counts(n, f + 1)) - plan["nfe"]] if f + 1 <= plan["counts"][-2] else [self.steps])
+        return self.checkpoints[0] + 1 if plan.get("starts") else self.steps
 
     def begin(self, run):
         plan = self.plan(run.remaining)
@@ -151,4 +144,3 @@ class PruneSearch(Search):
             return PruneState(x, chains, parents, j + 1, state.counts)
         run.record.add(run, self.sampler.decode(x), chains, K, K - c - 1, parents, x)
         return None
-

@@ -24,7 +24,7 @@ __all__ = ['SMC_DEFAULTS', 'POTENTIALS', 'potential_logs', 'effective_sample_siz
 #: The defaults of the particle search: resampling at the noise levels `at`, potential `potential` with strength
 #: `lam`, resampling only when the effective sample size falls below `ess` of the particles, steps with a share `eta`
 #: of fresh noise after each (found by `noiseopt sweep` on training prompts)
-SMC_DEFAULTS = dict(at=(0.85, 0.7, 0.55, 0.4), potential="difference", lam=5.0, ess=0.5, eta=1.0)
+SMC_DEFAULTS = dict(at=(0.85, 0.7, 0.55, 0.4), potential="max", lam=2.0, ess=0.5, eta=1.0)
 POTENTIALS = ("max", "difference", "sum")
 
 
@@ -66,12 +66,14 @@ def systematic_resample(weights: torch.Tensor, u: float) -> list[int]:
 @dataclass
 class ParticleState:
     """The particles between rounds: their states at the next resampling step (`stage`), seed chains, last previews'
-    records and rewards so far (each particle's line's, oldest first)."""
+    records, rewards so far (each particle's line's, oldest first) and log weights (the potentials since the last
+    resampling, added up)."""
     x: torch.Tensor
     chains: list
     parents: list
     stage: int
     history: list
+    logw: list
 
 
 class ParticleSearch(Search):
@@ -95,9 +97,10 @@ class ParticleSearch(Search):
         self.at = check_levels(at)
         if potential not in POTENTIALS:
             raise ConfigError(f"unknown potential {potential!r}: use one of {', '.join(POTENTIALS)}")
-        for name, v, lo, hi in (("lam", lam, 0, math.inf), ("ess", ess, 0, 1), ("eta", eta, 0, 1)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
-                raise ConfigError(f"{name} must be a number in [{lo}, {hi}], got {v!r}")
+        for name, v, ok, where in (("lam", lam, lambda v: 0 <= v < math.inf, "[0, inf)"), ("ess", ess, lambda v: 0 <= v <= 1, "[0, 1]"),
+                                   ("eta", eta, lambda v: 0 < v <= 1, "(0, 1]: with no fresh noise, copies stay identical")):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+                raise ConfigError(f"{name} must be a number in {where}, got {v!r}")
         self.potential, self.lam, self.ess, self.eta = potential, float(lam), float(ess), float(eta)
         self.checkpoints = checkpoint_steps(sampler, self.at)
 
@@ -127,7 +130,7 @@ class ParticleSearch(Search):
         if c > 0:
             run.charge(n * c)
             x = self.batched(lambda xb, kb: self.sampler.denoise(xb, run.cond, 0, c, seeds=kb), x, seeds, run)
-        return ParticleState(x, [[s] for s in seeds], [None] * n, 0, [[] for _ in seeds])
+        return ParticleState(x, [[s] for s in seeds], [None] * n, 0, [[] for _ in seeds], [0.0] * n)
 
     def advance(self, run, state):
         report = run.record.result.report
@@ -136,14 +139,14 @@ class ParticleSearch(Search):
         c = self.checkpoints[j]
         idx, x0 = self.preview(run, state.x, c, state.chains, state.parents, stage=j)
         history = [h + [r] for h, r in zip(state.history, self.rewards(run, idx))]
-        logs = potential_logs(history, self.potential, self.lam)
-        weights = torch.exp(logs - logs.max())
+        logw = torch.tensor(state.logw, dtype=torch.float64) + potential_logs(history, self.potential, self.lam)
+        weights = torch.exp(logw - logw.max())
         ess = effective_sample_size(weights)
         u_seed = run.next_seeds(1)[0]
-        if ess < self.ess * n:
+        if ess < self.ess * n:  # resampled: the copies start again with equal weights
             u = float(torch.rand(1, generator=torch.Generator().manual_seed(u_seed)))
-            ancestors = systematic_resample(weights, u)
-        else:
+            ancestors, logw = systematic_resample(weights, u), torch.zeros(n, dtype=torch.float64)
+        else:  # not resampled: the weights carry over and the next potentials add to them
             ancestors = list(range(n))
         for i, a in zip(idx, ancestors):
             run.record.candidates[i].info.update(ess=ess, resampled=ess < self.ess * n)
@@ -154,7 +157,8 @@ class ParticleSearch(Search):
         x = self.continue_from(run, state.x[ancestors], x0[ancestors], c, stop, chains, self.eta, fresh)
         parents = [idx[a] for a in ancestors]
         if not last:
-            return ParticleState(x, chains, parents, j + 1, [list(history[a]) for a in ancestors])
+            return ParticleState(x, chains, parents, j + 1, [list(history[a]) for a in ancestors],
+                                 [float(logw[a]) for a in ancestors])
         run.record.add(run, self.sampler.decode(x), chains, K, K - c - 1, parents, x)
         return None
 
