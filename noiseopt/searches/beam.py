@@ -5,7 +5,6 @@
 # %% ../../nbs/searches/08_beam.ipynb #beam02
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -70,13 +69,8 @@ class BeamSearch(Search):
         if not plan["trajectories"]:
             return self.best_of(run, plan["samples"], plan["why"])
         run.record.result.report["plan"] = plan
-        n, c = plan["trajectories"], self.checkpoints[0]
-        seeds, x = self.fresh_noise(run, n)
-        self.sample_baseline(run, seeds[0])
-        if c > 0:
-            run.charge(n * c)
-            x = self.batched(lambda xb, kb: self.sampler.denoise(xb, run.cond, 0, c, seeds=kb), x, seeds, run)
-        return BeamState(x, [[s] for s in seeds], [None] * n, 0)
+        chains, x = self.start_trajectories(run, plan["trajectories"], self.checkpoints[0])
+        return BeamState(x, chains, [None] * len(chains), 0)
 
     def advance(self, run, state):
         run.record.result.report.setdefault("plan", self.plan(run.budget.total))  # a resumed run made it before
@@ -86,14 +80,8 @@ class BeamSearch(Search):
         pos = {i: k for k, i in enumerate(idx)}
         kept = [pos[i] for i in run.record.order(idx)[: min(self.beams, n)]]
         branch = [kept[k % len(kept)] for k in range(n)]  # the best kept state first: it takes any extra branch
-        fresh = run.next_seeds(n)
-        chains = [state.chains[b] + [s] for b, s in zip(branch, fresh)]
         last = j + 1 == len(self.checkpoints)
-        stop = K if last else self.checkpoints[j + 1]
-        x = self.continue_from(run, state.x[branch], x0[branch], c, stop, chains, self.eta, fresh)
-        parents = [idx[b] for b in branch]
-        if not last:
-            return BeamState(x, chains, parents, j + 1)
-        run.record.add(run, self.sampler.decode(x), chains, K, K - c - 1, parents, x)
-        return None
+        x, chains, parents = self.go_on(run, state.x, x0, idx, branch, state.chains, c,
+                                        K if last else self.checkpoints[j + 1], self.eta)
+        return None if last else BeamState(x, chains, parents, j + 1)
 

@@ -474,6 +474,30 @@ class Search:
                              x0 if step == self.steps else None, preview=step < self.steps, **info)
         return idx, x0
 
+    def start_trajectories(self, run: Run, n: int, stop: int) -> tuple[list[list[int]], torch.Tensor]:
+        """Draws `n` fresh noises, samples the first fully as the baseline (outside the budget, to compare with) and
+        denoises all to step `stop` (charged); returns their seed chains and states."""
+        seeds, x = self.fresh_noise(run, n)
+        self.sample_baseline(run, seeds[0])
+        if stop > 0:
+            run.charge(n * stop)
+            x = self.batched(lambda xb, kb: self.sampler.denoise(xb, run.cond, 0, stop, seeds=kb), x, seeds, run)
+        return [[s] for s in seeds], x
+
+    def go_on(self, run: Run, x: torch.Tensor, x0: torch.Tensor, idx: Sequence[int], ancestors: Sequence[int], chains,
+              step: int, stop: int, eta: float = 0.0) -> tuple[torch.Tensor, list, list]:
+        """Continues the previewed states `ancestors` (positions in `x`, `x0` and the previews' records `idx`; one may
+        repeat) from `step` to `stop` (`continue_from`; with `eta > 0` each draws a fresh seed, added to its chain).
+        At the end of the schedule they are recorded as finished candidates. Returns their states, chains and parents
+        (their previews' records)."""
+        fresh = run.next_seeds(len(ancestors)) if eta > 0 else None
+        chains = [chains[a] + [fresh[k]] if fresh else list(chains[a]) for k, a in enumerate(ancestors)]
+        out = self.continue_from(run, x[list(ancestors)], x0[list(ancestors)], step, stop, chains, eta, fresh)
+        parents = [idx[a] for a in ancestors]
+        if stop == self.steps:
+            run.record.add(run, self.sampler.decode(out), chains, stop, stop - step - 1, parents, out)
+        return out, chains, parents
+
     def continue_from(self, run: Run, x: torch.Tensor, x0: torch.Tensor, step: int, stop: int, chains,
                       eta: float = 0.0, seeds: Sequence[int] | None = None) -> torch.Tensor:
         """Returns the states at `stop` of states `x` at `step` whose clean estimates `x0` a preview gave: one step by

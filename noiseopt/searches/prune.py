@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from ..errors import ConfigError, whole_number
+from ..errors import ConfigError
 from .core import Search, search_state
 from .paths import noise_levels
 
@@ -120,14 +120,8 @@ class PruneSearch(Search):
         if not plan["starts"]:
             return self.best_of(run, plan["samples"], plan["why"])
         run.record.result.report["plan"] = plan
-        n, c = plan["starts"], self.checkpoints[0]
-        seeds, x = self.fresh_noise(run, n)
-        self.sample_baseline(run, seeds[0])
-        chains = [[s] for s in seeds]
-        if c > 0:
-            run.charge(n * c)
-            x = self.batched(lambda xb, kb: self.sampler.denoise(xb, run.cond, 0, c, seeds=kb), x, seeds, run)
-        return PruneState(x, chains, [None] * n, 0, plan["counts"])
+        chains, x = self.start_trajectories(run, plan["starts"], self.checkpoints[0])
+        return PruneState(x, chains, [None] * len(chains), 0, plan["counts"])
 
     def advance(self, run, state):
         run.record.result.report.setdefault("plan", self.plan(run.budget.total))  # a resumed run made it before
@@ -136,11 +130,6 @@ class PruneSearch(Search):
         idx, x0 = self.preview(run, state.x, c, state.chains, state.parents, stage=j)
         pos = {i: k for k, i in enumerate(idx)}
         keep = [pos[i] for i in run.record.order(idx)[: state.counts[j + 1]]]
-        chains, parents = [state.chains[k] for k in keep], [idx[k] for k in keep]
         last = j + 1 == len(self.checkpoints)
-        stop = K if last else self.checkpoints[j + 1]
-        x = self.continue_from(run, state.x[keep], x0[keep], c, stop, chains)
-        if not last:
-            return PruneState(x, chains, parents, j + 1, state.counts)
-        run.record.add(run, self.sampler.decode(x), chains, K, K - c - 1, parents, x)
-        return None
+        x, chains, parents = self.go_on(run, state.x, x0, idx, keep, state.chains, c, K if last else self.checkpoints[j + 1])
+        return None if last else PruneState(x, chains, parents, j + 1, state.counts)

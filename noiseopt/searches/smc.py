@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from ..errors import ConfigError, whole_number
+from ..errors import ConfigError
 from .core import Search, search_state
 from .prune import check_levels, checkpoint_steps
 
@@ -124,13 +124,9 @@ class ParticleSearch(Search):
         if not plan["particles"]:
             return self.best_of(run, plan["samples"], plan["why"])
         run.record.result.report["plan"] = plan
-        n, c = plan["particles"], self.checkpoints[0]
-        seeds, x = self.fresh_noise(run, n)
-        self.sample_baseline(run, seeds[0])
-        if c > 0:
-            run.charge(n * c)
-            x = self.batched(lambda xb, kb: self.sampler.denoise(xb, run.cond, 0, c, seeds=kb), x, seeds, run)
-        return ParticleState(x, [[s] for s in seeds], [None] * n, 0, [[] for _ in seeds], [0.0] * n)
+        n = plan["particles"]
+        chains, x = self.start_trajectories(run, n, self.checkpoints[0])
+        return ParticleState(x, chains, [None] * n, 0, [[] for _ in range(n)], [0.0] * n)
 
     def advance(self, run, state):
         report = run.record.result.report
@@ -150,15 +146,11 @@ class ParticleSearch(Search):
             ancestors = list(range(n))
         for i, a in zip(idx, ancestors):
             run.record.candidates[i].info.update(ess=ess, resampled=ess < self.ess * n)
-        fresh = run.next_seeds(n)
-        chains = [state.chains[a] + [s] for a, s in zip(ancestors, fresh)]
         last = j + 1 == len(self.checkpoints)
-        stop = K if last else self.checkpoints[j + 1]
-        x = self.continue_from(run, state.x[ancestors], x0[ancestors], c, stop, chains, self.eta, fresh)
-        parents = [idx[a] for a in ancestors]
-        if not last:
-            return ParticleState(x, chains, parents, j + 1, [list(history[a]) for a in ancestors],
-                                 [float(logw[a]) for a in ancestors])
-        run.record.add(run, self.sampler.decode(x), chains, K, K - c - 1, parents, x)
-        return None
+        x, chains, parents = self.go_on(run, state.x, x0, idx, ancestors, state.chains, c,
+                                        K if last else self.checkpoints[j + 1], self.eta)
+        if last:
+            return None
+        return ParticleState(x, chains, parents, j + 1, [list(history[a]) for a in ancestors],
+                             [float(logw[a]) for a in ancestors])
 
