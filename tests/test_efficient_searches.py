@@ -83,20 +83,29 @@ def test_resume_after_a_stop_gives_the_identical_result(tmp_path, algo):
 
 
 def test_previews_continue_with_the_samplers_own_step(tiny):
-    "On DDIM (tiny SD) and on the toy's DDIM-like schedule the step from a preview's clean estimate is the sampler's step."
-    for s in (tiny, ToySampler(num_steps=10)):
+    """On DDIM (tiny SD), Euler (tiny SDXL: state 0 stored over `init_noise_sigma`), flow matching (tiny SD3) and the toy's
+    DDIM-like schedule, the step from a preview's clean estimate is the sampler's own step, from the first to the last."""
+    from noiseopt.samplers import DiffusersSampler
+    from noiseopt.testing import tiny_sd3_pipeline, tiny_sdxl_pipeline
+
+    euler = DiffusersSampler(tiny_sdxl_pipeline(scheduler="euler"), num_steps=8, guidance_scale=2.0)
+    flow = DiffusersSampler(tiny_sd3_pipeline(), num_steps=8, guidance_scale=2.0)
+    for s in (tiny, euler, flow, ToySampler(num_steps=10)):
         cond, x = s.condition("a cat"), s.noise([1, 2])
-        for k in (0, 3, 7):
+        for k in (0, 3, s.num_steps - 1):
             xk = s.denoise(x, cond, 0, k) if k else x
             nfe = s.nfe
             x0 = s.predict_x0(xk, cond, k)
             ours = step_from_x0(s.levels, xk, x0, k)
             assert s.nfe - nfe == 2  # one NFE per state: the preview's
             theirs = s.denoise(xk, cond, k, k + 1)
-            assert torch.allclose(ours.float(), theirs.float(), atol=1e-4), (type(s).__name__, k)
+            assert torch.allclose(ours.float(), theirs.float(), atol=1e-4), (repr(s), k)
+            if k == 3:
+                mid = (xk, x0, theirs)
         # eta = 1: the noise estimate replaced by fresh noise; same seeds, same step
         g = lambda: [torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]  # noqa: E731
-        a, b = step_from_x0(s.levels, xk, x0, 7, 1.0, g()), step_from_x0(s.levels, xk, x0, 7, 1.0, g())
+        xk, x0, theirs = mid  # at the last step the next level has no noise: eta is tried before it
+        a, b = [step_from_x0(s.levels, xk, x0, 3, 1.0, g()) for _ in range(2)]
         assert torch.equal(a, b) and not torch.allclose(a, theirs, atol=1e-3)
     with pytest.raises(ConfigError, match="eta"):
         step_from_x0(s.levels, xk, x0, 1, 1.5)
