@@ -149,7 +149,8 @@ def test_every_search_spends_its_budget_on_the_shapes_model():
             assert r.get("skipped") == "refused" and "961" in r["why"], r
             continue
         assert r["budget"] - 25 <= r["nfe"] <= r["budget"], r
-        outside = r["algo"] == "steps" or (r["algo"] == "paths" and r["plan"].get("paths"))  # the baseline's sample
+        planned = any(r.get("plan", {}).get(k) for k in ("paths", "starts", "particles", "trajectories"))
+        outside = r["algo"] == "steps" or (r["algo"] in ("paths", "prune", "smc", "beam") and planned)  # the baseline
         assert r["total_nfe"] == r["nfe"] + (25 if outside else 0), r
-    assert {r["algo"] for r in report["rows"]} == {"random", "zo", "paths", "both", "steps"}
+    assert {r["algo"] for r in report["rows"]} == {"random", "zo", "paths", "both", "steps", "prune", "smc", "beam", "cem"}
     assert "refused" in table and "| paths |" in table

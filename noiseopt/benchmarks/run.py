@@ -254,9 +254,16 @@ def format_spend(report: dict) -> str:
                 refused = refused or r.get("why")
                 continue
             plan = r["plan"]
-            how = (f", {plan['paths']} paths x {plan['per_path']}" + (f" + {plan['extra']}" if plan.get("extra") else "")
-                   if plan.get("paths") else f", best-of-{plan['samples']}" if plan.get("samples")
-                   else ", no path fits" if plan else "")
+            if plan.get("paths"):
+                how = f", {plan['paths']} paths x {plan['per_path']}" + (f" + {plan['extra']}" if plan.get("extra") else "")
+            elif plan.get("starts"):  # preview pruning: noises previewed, then those finished
+                how = f", {plan['starts']} noises, {plan['counts'][-1]} finished"
+            elif plan.get("particles"):
+                how = f", {plan['particles']} particles"
+            elif plan.get("trajectories"):
+                how = f", {plan['trajectories']} trajectories, {plan['beams']} beams"
+            else:
+                how = f", best-of-{plan['samples']}" if plan.get("samples") else ", no path fits" if plan else ""
             cells.append(f"{r['nfe']}" + (f" ({r['total_nfe']})" if r["total_nfe"] != r["nfe"] else "") + how)
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
     if refused:
