@@ -222,6 +222,11 @@ def cmd_search(args: argparse.Namespace) -> int:
             "same command again to resume)"
         print(f"noiseopt: {e}" if str(e) else f"noiseopt: interrupted outside a search round{kept}", file=sys.stderr)
         return 130
+    from noiseopt.searches.core import Shard
+
+    shard = Shard.current(args.device)
+    if shard is not None and not shard.is_main:  # under accelerate launch the main process writes and reports
+        return 0
     import matplotlib.pyplot as plt
 
     from noiseopt.viz import candidate_grid, compare, plot_trajectory

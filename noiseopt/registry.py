@@ -232,7 +232,8 @@ VERIFIERS = Registry("verifier", "noiseopt.verifiers", {
     "clip": "noiseopt.verifiers.clip:clip_verifier", "aesthetic": "noiseopt.verifiers.aesthetic:aesthetic_verifier",
     "imagereward": "noiseopt.verifiers.imagereward:imagereward_verifier",
     "pickscore": "noiseopt.verifiers.pickscore:pickscore_verifier",
-    "hps": "noiseopt.verifiers.hps:hps_verifier", "gpt": "noiseopt.verifiers.gpt:GPTJudge"}, skip=("device",))
+    "hps": "noiseopt.verifiers.hps:hps_verifier", "gpt": "noiseopt.verifiers.gpt:GPTJudge",
+    "geneval": "noiseopt.verifiers.geneval:GenEvalJudge"}, skip=("device",))
 SEARCHES = Registry("search", "noiseopt.searches", {
     "random": "noiseopt.searches.random:RandomSearch", "zo": "noiseopt.searches.zero_order:ZeroOrderSearch",
     "paths": "noiseopt.searches.paths:PathSearch", "both": "noiseopt.searches.both:CombinedSearch",

@@ -362,16 +362,24 @@ class RunSpec:
 
     def run(self, out: str | os.PathLike | None = None, progress: bool | None = None,
             callback: Callable | None = None) -> SearchResult:
-        "Builds the run and searches; with `out`, checkpoints there and resumes a run of the same spec found there."
+        """Builds the run and searches; with `out`, checkpoints there and resumes a run of the same spec found there.
+        Under `accelerate launch`, every process runs its share of each round on its own device (`Shard`)."""
         if out is not None:  # a folder of another run is refused before anything loads
             saved = CheckpointStore.saved_spec(out)
             if saved is not None and self.differences(saved):
                 raise another_run(out, self.differences(saved))
-        entry = self.entry()
-        sampler, _, search = self.build(entry)
-        budget = self.budget if self.budget is not None else 8 * sampler.num_steps
-        return search.run(self.prompt, budget, seed=self.seed, out=out, progress=progress, callback=callback,
-                          checker=entry.check if entry is not None else None, spec=self)
+        from dataclasses import replace
+
+        from noiseopt.searches.core import Shard
+
+        shard, spec = Shard.current(self.device), self  # under accelerate launch: this process's share
+        if shard is not None and self.device is None and isinstance(self.model, str):
+            spec = replace(self, device=shard.device)  # each process on its own device (a how-setting)
+        entry = spec.entry()
+        sampler, _, search = spec.build(entry)
+        budget = spec.budget if spec.budget is not None else 8 * sampler.num_steps
+        return search.run(spec.prompt, budget, seed=spec.seed, out=out, progress=progress, callback=callback,
+                          checker=entry.check if entry is not None else None, spec=spec, shard=shard)
 
 # %% ../nbs/06_runspec.ipynb #934e13e4
 def verifier_loaders(entry, verifiers: Sequence, options: dict[str, dict] | None = None, device=None) -> list[Callable[[], Any]]:

@@ -14,7 +14,8 @@ import torch
 
 # %% auto #0
 __all__ = ['clip_bpe_path', 'write_clip_tokenizer_files', 'clip_tokenizer', 'tiny_sd_pipeline', 'tiny_sdxl_pipeline',
-           't5_tokenizer', 'tiny_flux_pipeline', 'tiny_sd3_pipeline', 'tiny_pixart_pipeline']
+           't5_tokenizer', 'tiny_flux_pipeline', 'tiny_sd3_pipeline', 'tiny_pixart_pipeline', 'save_tiny_mask2former',
+           'save_tiny_clip']
 
 # %% ../nbs/01a_testing.ipynb #7357abc6
 def _byte_symbols() -> list[str]:
@@ -225,3 +226,37 @@ def tiny_pixart_pipeline(seed: int = 0, learned_sigma: bool = True):
                                    vae=_tiny_flow_vae(seed + 2, shift=False), transformer=transformer, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+# %% ../nbs/01a_testing.ipynb #86135d85
+def save_tiny_mask2former(folder: str | Path, image_size: int = 64, seed: int = 0) -> Path:
+    "Writes a tiny random Mask2Former for instance segmentation (80 classes, a 4-stage Swin) and its image processor to `folder`."
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor, SwinConfig
+
+    torch.manual_seed(seed)
+    backbone = SwinConfig(image_size=image_size, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                          window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = Mask2FormerConfig(backbone_config=backbone, num_labels=80, hidden_dim=32, mask_feature_size=32,
+                               feature_size=32, num_queries=10, encoder_layers=1, decoder_layers=2,
+                               num_attention_heads=2, encoder_feedforward_dim=32, dim_feedforward=32,
+                               use_pretrained_backbone=False)
+    folder = Path(folder)
+    Mask2FormerForUniversalSegmentation(config).save_pretrained(folder)
+    Mask2FormerImageProcessor(size={"shortest_edge": image_size, "longest_edge": image_size}).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_clip(folder: str | Path, image_size: int = 32, seed: int = 0) -> Path:
+    "Writes a tiny random transformers CLIP (two layers a tower), its tokenizer and image processor to `folder`."
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+    torch.manual_seed(seed)
+    text = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          projection_dim=24, vocab_size=49408)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=image_size, patch_size=8, projection_dim=24)
+    folder = Path(folder)
+    CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=24)).save_pretrained(folder)
+    clip_tokenizer().save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+                       ).save_pretrained(folder)
+    return folder

@@ -57,7 +57,7 @@ def test_prompt_sets(tmp_path):
     (tmp_path / "empty.txt").write_text("\n \n")
     with pytest.raises(ConfigError, match="holds no prompt"):
         load_prompts(str(tmp_path / "empty.txt"))
-    with pytest.raises(ConfigError, match="unknown prompt set 'nope'.*shapes-eval, shapes-train, reference, drawbench"):
+    with pytest.raises(ConfigError, match="unknown prompt set 'nope'.*shapes-eval, shapes-train, geneval, partiprompts, t2i-compbench, reference, drawbench"):
         load_prompts("nope", "shapes")
     with pytest.raises(NoiseoptError, match="could not fetch the drawbench prompts"):  # the tests are offline
         load_prompts("drawbench")

@@ -301,7 +301,7 @@ def test_registry_names_and_options(clip_dir):
     assert load_verifier(f"clip:path={clip_dir},raw=true").raw is True
     vs = [load_verifier(n) for n in ["imagereward", "pickscore", "hps:version=v2", "aesthetic"]]  # lazy: no file touched
     assert [v.name for v in vs] == ["imagereward", "pickscore", "hps", "aesthetic"]
-    with pytest.raises(UnknownNameError, match="unknown verifier 'beauty': choose from aesthetic, clip, gpt"):
+    with pytest.raises(UnknownNameError, match="unknown verifier 'beauty': choose from aesthetic, clip, geneval, gpt"):
         VERIFIERS.check("beauty")
     with pytest.raises(ConfigError, match="key=value"):
         load_verifier("hps:v2")

@@ -11,18 +11,16 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import ConfigError, NoiseoptError, shorten
+from ..prompts import REFERENCE_PROMPTS, SHIPPED_SETS, Prompt, PromptSet, prompt_set
 from ..registry import SEARCHES
 
 
 # %% auto #0
-__all__ = ['REFERENCE_PROMPTS', 'HUB_PROMPT_SETS', 'ALGO_ORDER', 'load_prompts', 'row_key', 'read_results']
+__all__ = ['HUB_PROMPT_SETS', 'ALGO_ORDER', 'load_prompt_set', 'load_prompts', 'row_key', 'read_results']
 
 # %% ../../nbs/benchmarks/00_data.ipynb #ca0d6f74
-#: The reference work's four example prompts
-REFERENCE_PROMPTS = ("An off-road vehicle and a bike in the forest", "a beautiful landscape painting",
-                     "knight in armor, standing on a cliff, looking at the sunset", "a church in the forest")
-#: Prompt sets fetched from the Hugging Face hub when online: name -> dataset repository
-HUB_PROMPT_SETS = {"drawbench": "sayakpaul/drawbench", "partiprompts": "nateraw/parti-prompts"}
+#: Prompt sets fetched from the Hugging Face hub when online (not shipped: no licence found for a copy): name -> dataset repository
+HUB_PROMPT_SETS = {"drawbench": "sayakpaul/drawbench"}
 _PROMPT_COLUMNS = ("prompt", "prompts", "text", "caption")
 
 
@@ -61,29 +59,44 @@ def _hub_prompts(name: str) -> list[str]:
     return prompts
 
 
-def load_prompts(spec: str, model=None) -> tuple[str, list[str]]:
-    """Returns the name and prompts of `spec`: a prompt set of the model (`shapes-eval` on shapes), `reference`
-    (the reference work's four), `drawbench` or `partiprompts` (from the hub), or a text file with one prompt a line."""
+def _plain(name: str, texts, source: str = "") -> PromptSet:
+    return PromptSet(name, tuple(Prompt(t, None, {}, i) for i, t in enumerate(texts)), source)
+
+
+def load_prompt_set(spec: str, model=None, categories=None) -> PromptSet:
+    """Returns the prompt set `spec`: a set of the model (`shapes-eval` on shapes), a shipped one, read offline
+    (`geneval`, `partiprompts`, `t2i-compbench`, `reference`; `name:category,...` picks categories),
+    `drawbench` (from the hub), or a text file with one prompt a line. `categories` picks some of a shipped set's."""
     own: dict = {}
     if model is not None:
         from noiseopt.samplers import model_entry
 
         own = dict((model_entry(model) if isinstance(model, str) else model).prompt_sets)
+    spec, name = str(spec), str(spec).partition(":")[0]
+    if name in SHIPPED_SETS and spec not in own:
+        return prompt_set(spec, categories)
+    if categories:
+        raise ConfigError(f"--categories picks categories of a shipped prompt set ({', '.join(SHIPPED_SETS)}); "
+                          f"{shorten(spec)!r} has none")
     if spec in own:
-        return spec, list(own[spec])
-    if spec == "reference":
-        return spec, list(REFERENCE_PROMPTS)
+        return _plain(spec, own[spec], "the model's own")
     if spec in HUB_PROMPT_SETS:
-        return spec, _hub_prompts(spec)
-    path = Path(str(spec)).expanduser()
+        return _plain(spec, _hub_prompts(spec), HUB_PROMPT_SETS[spec])
+    path = Path(spec).expanduser()
     if path.is_file():
         prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if not prompts:
             raise ConfigError(f"{shorten(spec)!r} holds no prompt: write one prompt a line")
-        return path.name, prompts
-    known = [*own, "reference", *HUB_PROMPT_SETS]
+        return _plain(path.name, prompts, str(path))
+    known = [*own, *SHIPPED_SETS, *HUB_PROMPT_SETS]
     raise ConfigError(f"unknown prompt set {shorten(spec)!r}: use one of {', '.join(known)}, "
                       "or a text file with one prompt a line")
+
+
+def load_prompts(spec: str, model=None, categories=None) -> tuple[str, list[str]]:
+    "Returns the name and the texts of prompt set `spec` (`load_prompt_set`)."
+    s = load_prompt_set(spec, model, categories)
+    return s.name, s.texts
 
 # %% ../../nbs/benchmarks/00_data.ipynb #1550bd11
 #: The built-in searches in the reference table's order (the registry's; registered ones follow in their order)

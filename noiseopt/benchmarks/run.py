@@ -13,7 +13,8 @@ from typing import Callable, Sequence
 
 from ..errors import BudgetError, ConfigError, NoiseoptError, shorten
 from ..registry import SEARCHES, split_specs
-from .data import _append_rows, _finalize, _flag, _repair, load_prompts, read_results, row_key
+from .data import (_append_rows, _finalize, _flag, _plain, _repair, load_prompt_set, load_prompts,
+                                      read_results, row_key)
 from .perf import format_perf, format_threads, perf, threads_perf
 from .tables import format_table, mean_ci, rate_ci, summarize, table_csv
 
@@ -27,11 +28,33 @@ def _verdicts(check, images, prompt: str) -> list[bool]:
     return [bool(check(im, prompt).passed) for im in images]
 
 
-class _Judges:
-    "What a benchmark row reports of a chosen image besides the search's own scores: held-out verifiers and the checker."
+def _image_name(algo: str, budget: int) -> str:
+    "Returns the file name of a row's chosen image: the algorithm (a spec's odd characters as `_`) and the budget."
+    import re
 
-    def __init__(self, eval_ensemble, check):
-        self.eval_ensemble, self.check = eval_ensemble, check
+    return f"{re.sub(r'[^A-Za-z0-9._=-]', '_', algo)}@{int(budget)}.png"
+
+
+class _Judges:
+    """What a benchmark row reports of a chosen image besides the search's own scores: held-out verifiers and the
+    checker; with `folder`, the chosen image and the baseline are written to `folder/images/<prompt index>/`."""
+
+    def __init__(self, eval_ensemble, check, folder: Path | None = None):
+        self.eval_ensemble, self.check, self.folder = eval_ensemble, check, folder
+
+    def images(self, k: int, algo: str, budget: int, baseline, best) -> dict:
+        "Writes the row's chosen image and its baseline (once a prompt); returns their paths in the benchmark's folder."
+        if self.folder is None:
+            return {}
+        from noiseopt.core import _atomic_write, png_bytes
+
+        names = {"image": f"images/{k:05d}/{_image_name(algo, budget)}", "baseline_image": f"images/{k:05d}/baseline.png"}
+        for key, cand in (("image", best), ("baseline_image", baseline)):
+            path = self.folder / names[key]
+            if key == "image" or not path.is_file():
+                data = png_bytes(cand.image)
+                _atomic_write(path, lambda p, data=data: p.write_bytes(data))
+        return names
 
     def fields(self, baseline, best, prompt: str) -> dict:
         import torch
@@ -47,25 +70,27 @@ class _Judges:
 
 
 def _row(k: int, prompt: str, algo: str, budget: int, seed: int, res, best: int, nfe: int, judges: _Judges,
-         from_trajectory: bool, calls: int | None = None) -> dict:
+         from_trajectory: bool, calls: int | None = None, extra: dict | None = None) -> dict:
     base, chosen = res.baseline, res.candidates[best]
-    return {"prompt_index": k, "prompt": prompt, "algo": algo, "budget": budget, "seed": seed, "nfe": int(nfe),
-            "total_nfe": int(nfe) + int(res.baseline_nfe), "num_steps": int(res.settings["num_steps"]),
+    return {"prompt_index": k, "prompt": prompt, **(extra or {}), "algo": algo, "budget": budget, "seed": seed,
+            "nfe": int(nfe), "total_nfe": int(nfe) + int(res.baseline_nfe), "num_steps": int(res.settings["num_steps"]),
             "verifier_calls": int(res.verifier_calls if calls is None else calls),
             "from_trajectory": from_trajectory, "baseline": base.scores, "best": chosen.scores,
-            "best_seeds": chosen.seeds, "best_step": chosen.step, **judges.fields(base, chosen, prompt)}
+            "best_seeds": chosen.seeds, "best_step": chosen.step, **judges.fields(base, chosen, prompt),
+            **judges.images(k, algo, budget, base, chosen)}
 
 
 def search_rows(make: Callable, k: int, prompt: str, algo: str, budgets: Sequence[int], seed: int, judges: _Judges,
-                from_trajectory: bool = False) -> list[dict]:
+                from_trajectory: bool = False, extra: dict | None = None) -> list[dict]:
     """Returns the benchmark rows of one prompt and algorithm at `budgets`: one search per budget, or, with
-    `from_trajectory`, one search at the largest budget whose best within each smaller budget is read off its record."""
+    `from_trajectory`, one search at the largest budget whose best within each smaller budget is read off its record.
+    `extra` (the prompt's category and place in its set) goes into every row."""
     from noiseopt.searches.core import RunRecord
 
     search, rows = make(algo), []
     too_small = [b for b in budgets if b < search.min_budget()]
     for b in too_small:
-        rows.append({"prompt_index": k, "prompt": prompt, "algo": algo, "budget": b, "seed": seed,
+        rows.append({"prompt_index": k, "prompt": prompt, **(extra or {}), "algo": algo, "budget": b, "seed": seed,
                      "skipped": f"{algo} needs a budget of at least {search.min_budget()} NFEs",
                      "min_budget": search.min_budget()})
     budgets = [b for b in budgets if b not in too_small]
@@ -79,14 +104,38 @@ def search_rows(make: Callable, k: int, prompt: str, algo: str, budgets: Sequenc
             best = record.best(within)
             spent = max(res.candidates[i].nfe for i in within)
             calls = sum(1 for c in res.candidates if c.nfe <= spent)  # the images scored by then
-            rows.append(_row(k, prompt, algo, b, seed, res, best, spent, judges, True, calls))
+            rows.append(_row(k, prompt, algo, b, seed, res, best, spent, judges, True, calls, extra))
         return rows
     for b in budgets:
         res = make(algo).run(prompt, b, seed=seed)
-        rows.append(_row(k, prompt, algo, b, seed, res, res.best_index, res.nfe, judges, False))
+        rows.append(_row(k, prompt, algo, b, seed, res, res.best_index, res.nfe, judges, False, extra=extra))
     return rows
 
 # %% ../../nbs/benchmarks/02_run.ipynb #3b2e114c
+def _accepts(entry, specs: Sequence[str], prompts: Sequence[str]) -> None:
+    "Lets each judge (a registered verifier with `accepts(prompts)`) refuse prompts it cannot judge, before anything loads."
+    from noiseopt.registry import VERIFIERS, parse_spec
+
+    for spec in specs:
+        name = parse_spec(spec)[0]
+        if name not in (entry.verifiers or {}) and name in VERIFIERS:
+            accepts = getattr(VERIFIERS.get(name), "accepts", None)
+            if callable(accepts):
+                accepts(prompts)
+
+
+def _checker(judge):
+    "Returns a loaded judge's `check(image, prompt)`: the benchmark's ground truth."
+    from noiseopt.runspec import loaded
+
+    check = getattr(judge, "check", None)
+    if not callable(check):
+        raise ConfigError(f"the checker {getattr(judge, 'name', judge)!r} has no check(image, prompt): use a judge "
+                          "that gives verdicts (geneval), or --checker none")
+    loaded(judge)
+    return check
+
+
 def _process_state(device):
     "Returns accelerate's `PartialState`: one process, or one of those `accelerate launch` started (gloo on a CPU)."
     from datetime import timedelta
@@ -113,13 +162,21 @@ def benchmark(out: str | os.PathLike, model: str = "shapes", prompts: str | Sequ
               algos: Sequence[str] | None = None, budgets: Sequence[int] = (25, 50, 100, 200, 400, 800),
               verifiers: Sequence[str] | None = None, eval_verifiers: Sequence[str] = (), ensemble: str = "rank",
               seed: int = 0, limit: int | None = None, stride: int = 1, device: str | None = None,
-              trajectories: bool = True, plot: bool = True, log: Callable | None = print, state=None) -> dict | None:
+              trajectories: bool = True, plot: bool = True, log: Callable | None = print, state=None,
+              categories: Sequence[str] | str | None = None, checker: str | None = None,
+              export: tuple[str, str | os.PathLike] | None = None) -> dict | None:
     """Runs every (prompt, algorithm, budget) search, appending each finished one to `out/results.jsonl`, then writes
     `table.md`, `table.csv` and `scaling.png`; returns the summary (on the main process; `None` on the others).
 
     Prompt `k` is searched with seed `seed + k` by every algorithm, so all share its baseline noise. Run again with the
     same arguments, a stopped benchmark does only what is left. Under `accelerate launch` the prompts are shared out
-    across the processes, and the main one gathers the results."""
+    across the processes, and the main one gathers the results.
+
+    `categories` picks categories of a shipped prompt set. `checker` is the ground truth each chosen image is judged
+    by (a verifier spec with a `check(image, prompt)`, e.g. `geneval:detector=DIR`; `"none"` for none); by default
+    the prompt set's own (the GenEval judge on `geneval`), else the model's (the shapes checker). Every chosen image
+    and baseline is written to `out/images/`; `export=(format, folder)` lays them out for an official evaluator
+    (`export_images`)."""
     from noiseopt.registry import list_searches, parse_spec
     from noiseopt.samplers import model_entry
     from noiseopt.ensemble import Ensemble
@@ -133,18 +190,28 @@ def benchmark(out: str | os.PathLike, model: str = "shapes", prompts: str | Sequ
     if not budgets or budgets[0] < 1 or stride < 1 or (limit is not None and limit < 1):
         raise ConfigError("budgets, --limit and --stride must be at least 1")
     entry = model_entry(model, **({"device": device} if device is not None else {}))
-    name, prompt_list = (load_prompts(prompts, entry) if isinstance(prompts, str) else ("prompts", list(prompts)))
-    prompt_list = prompt_list[::stride][:limit]
+    pset = load_prompt_set(prompts, entry, categories) if isinstance(prompts, str) else _plain("prompts", list(prompts))
+    name, chosen = pset.name, list(pset.prompts)[::stride][:limit]
+    prompt_list = [p.text for p in chosen]
+    extras = [{"set_index": p.index, **({"category": p.category} if p.category else {})} for p in chosen]
     verifiers = list(verifiers or entry.default_verifiers)
     eval_verifiers = list(eval_verifiers or [])
     search_loaders = verifier_loaders(entry, verifiers)  # names and options checked before anything loads
     eval_loaders = verifier_loaders(entry, eval_verifiers)
+    checker = pset.checker if checker is None else str(checker)
+    check_loader = verifier_loaders(entry, [checker])[0] if checker and checker != "none" else None
+    _accepts(entry, [*eval_verifiers, *([checker] if check_loader else [])], prompt_list)
+    if export is not None:
+        from noiseopt.benchmarks.export import check_export
+
+        check_export(export[0], prompt_list)
 
     folder = Path(out)
     state = state or _process_state(device)
     results = folder / "results.jsonl"
     config = {"model": str(model), "verifiers": [str(v) for v in verifiers], "eval_verifiers": eval_verifiers,
-              "ensemble": ensemble, "seed": int(seed), "trajectories": bool(trajectories)}
+              "ensemble": ensemble, "seed": int(seed), "trajectories": bool(trajectories),
+              **({"checker": checker} if checker else {})}
     if state.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
         _check_config(folder, config)
@@ -162,12 +229,14 @@ def benchmark(out: str | os.PathLike, model: str = "shapes", prompts: str | Sequ
         sampler = entry.load_sampler()
         ens = Ensemble([loaded(load()) for load in search_loaders], method=ensemble)
         eval_ens = Ensemble([loaded(load()) for load in eval_loaders]) if eval_loaders else None
-        judges = _Judges(eval_ens, entry.check)
+        check = entry.check if checker is None else _checker(check_loader()) if check_loader else None
+        judges = _Judges(eval_ens, check, folder)
         make = lambda algo: make_search(algo, sampler, ens)  # noqa: E731
         for n, (k, algo, left) in enumerate(todo):
             t0 = time.perf_counter()
             prefix = trajectories and _flag(algo, "curve_from_one_run", False)
-            rows = search_rows(make, k, prompt_list[k], algo, budgets if prefix else left, seed + k, judges, prefix)
+            rows = search_rows(make, k, prompt_list[k], algo, budgets if prefix else left, seed + k, judges, prefix,
+                               extras[k])
             rows = [r for r in rows if row_key(r) not in done]
             _append_rows(results, rows)
             made += rows
@@ -199,6 +268,10 @@ def benchmark(out: str | os.PathLike, model: str = "shapes", prompts: str | Sequ
         import matplotlib.pyplot as plt
 
         plt.close(fig)
+    if export is not None:
+        from noiseopt.benchmarks.export import export_images
+
+        summary["export"] = {k: str(v) for k, v in export_images(folder, export[0], export[1], rows=rows).items()}
     return summary
 
 # %% ../../nbs/benchmarks/02_run.ipynb #4e6c0da7
@@ -342,8 +415,16 @@ def _csv(text: str | None) -> list[str]:
 def add_bench_arguments(p) -> None:
     "Adds the benchmark's arguments to an `argparse` parser (`noiseopt bench` and `python -m noiseopt.bench` share them)."
     p.add_argument("--model", default="shapes", help="the model (default shapes)")
-    p.add_argument("--prompts", default=None, help="a prompt set (the model's, e.g. shapes-eval; reference; drawbench; "
-                   "partiprompts) or a text file, one prompt a line (default: the model's first set, else reference)")
+    p.add_argument("--prompts", default=None, help="a prompt set: the model's (shapes-eval), one shipped and read offline "
+                   "(geneval, partiprompts, t2i-compbench, reference; NAME:CATEGORY picks one), drawbench (hub), or a "
+                   "text file, one prompt a line (default: the model's first set, else reference)")
+    p.add_argument("--categories", default=None,
+                   help="comma-separated categories of a shipped set (e.g. Animals; GenEval's tags; spatial)")
+    p.add_argument("--checker", default=None, help="the ground truth judging each chosen image: a judge's spec "
+                   "(geneval, geneval:detector=DIR) or none (default: the prompt set's, else the model's)")
+    p.add_argument("--export", nargs=2, default=None, metavar=("FORMAT", "DIR"),
+                   help="also lay the chosen images and the baselines out for an official evaluator: geneval or "
+                        "t2i-compbench, in DIR (one folder per search and budget, and baseline/)")
     p.add_argument("--limit", type=int, default=None, help="at most this many prompts (after --stride)")
     p.add_argument("--stride", type=int, default=1, help="take every STRIDE-th prompt (default 1)")
     p.add_argument("--algos", default=",".join(SEARCHES.ordered()),
@@ -412,10 +493,14 @@ def bench_command(args) -> int:
     summary = benchmark(out, model=args.model, prompts=prompts, algos=_csv(args.algos), budgets=budgets,
                         verifiers=split_specs(args.verifiers or "") or None, eval_verifiers=split_specs(args.eval_verifiers or ""),
                         ensemble=args.ensemble, seed=args.seed, limit=args.limit, stride=args.stride, device=args.device,
-                        trajectories=not args.no_trajectories, log=log)
+                        trajectories=not args.no_trajectories, log=log, categories=args.categories, checker=args.checker,
+                        export=tuple(args.export) if args.export else None)
     if summary is not None:
         print(format_table(summary))
-        print(f"wrote {out / 'results.jsonl'}, {out / 'table.md'}, {out / 'table.csv'} and {out / 'scaling.png'}")
+        print(f"wrote {out / 'results.jsonl'}, {out / 'table.md'}, {out / 'table.csv'}, {out / 'scaling.png'} and "
+              f"the chosen images in {out / 'images'}")
+        for run, where in summary.get("export", {}).items():
+            print(f"exported {run} for {args.export[0]}'s evaluator: {where}")
     return 0
 
 

@@ -27,7 +27,7 @@ from ..samplers import check_prompt, require_restartable
 
 # %% auto #0
 __all__ = ['derive_seed', 'noise_key', 'Run', 'RunRecord', 'search_state', 'state_to_json', 'state_from_json', 'another_run',
-           'CheckpointStore', 'Search', 'watched', 'step_from_x0', 'make_search']
+           'CheckpointStore', 'Shard', 'Search', 'watched', 'step_from_x0', 'make_search']
 
 # %% ../../nbs/searches/00_core.ipynb #52c9c38a
 def derive_seed(seed: int, k: int) -> int:
@@ -71,6 +71,8 @@ class Run:
     reused_nfe: int = 0
     keep: bool = False  # whether to keep finished batches (a run with an output folder)
     reused_batches: int = 0
+    shard: Any = None  # this process's share when the run is split across processes (`Shard`), else None
+    remote_nfe: int = 0  # NFEs the other processes spent on this process's behalf (their share of the batches)
 
     def next_seeds(self, n: int) -> list[int]:
         "Returns `n` fresh seeds derived from the run's seed."
@@ -112,9 +114,12 @@ class RunRecord:
 
         The batch was charged before it ran; candidate `i` of `n` is recorded as made once the NFEs of
         the candidates before it and its own (`cost_each` apiece) were spent."""
-        cols = self.ensemble.score(images, [run.prompt] * len(images))
+        if run.shard is not None:  # each process scores its share; all gather every score
+            cols, details = run.shard.score(self.ensemble, images, run.prompt)
+        else:
+            cols = self.ensemble.score(images, [run.prompt] * len(images))
+            details = self.ensemble.details
         scores = [{name: float(cols[name][i]) for name in self.ensemble.names} for i in range(len(images))]
-        details = self.ensemble.details
         util = self.ensemble.utility(scores)
         first, n = len(self.candidates), len(scores)
         for i, sc in enumerate(scores):
@@ -322,6 +327,79 @@ class CheckpointStore:
             f.write("".join(line + "\n" for line in lines).encode())
         return meta, state, cands
 
+# %% ../../nbs/searches/00_core.ipynb #82369d27
+class Shard:
+    """This process's share of a run split across processes: each batched call's batches are split in contiguous
+    blocks, one a process, and every process gathers all outputs (`gather`, by default accelerate's `gather_object`)."""
+
+    def __init__(self, index: int, count: int, gather: Callable | None = None, device: str | None = None):
+        self.index, self.count, self.device, self._gather = int(index), int(count), device, gather
+
+    def __repr__(self) -> str:
+        return f"Shard({self.index} of {self.count}, {self.device})"
+
+    @property
+    def is_main(self) -> bool:
+        return self.index == 0
+
+    def gather(self, obj) -> list:
+        "Returns every process's `obj`, in process order."
+        if self._gather is not None:
+            return self._gather(obj)
+        from accelerate.utils import gather_object
+
+        return gather_object([obj])
+
+    @classmethod
+    def current(cls, device=None) -> "Shard | None":
+        """Returns this process's share when `accelerate launch` started several processes (or a `PartialState` of
+        several exists), else `None`. `device` "cpu" asks for CPU processes (gloo), as `accelerate launch --cpu` does."""
+        launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if not launched and "accelerate" not in sys.modules:
+            return None
+        from accelerate import PartialState
+
+        if not launched and not PartialState._shared_state:
+            return None
+        state = PartialState(cpu=str(device).startswith("cpu")) if not PartialState._shared_state else PartialState()
+        return cls(state.process_index, state.num_processes, device=str(state.device)) if state.num_processes > 1 else None
+
+    def map(self, fn: Callable, x: torch.Tensor, keys: Sequence[int], batch_size: int, run: "Run | None" = None,
+            sampler=None) -> torch.Tensor:
+        """Returns `fn(x_batch, keys_batch)` over the rows of `x`, this process computing its share, all gathered.
+
+        With at least as many batches of `batch_size` as processes, each process takes a contiguous block of whole
+        batches (the batches one process makes, so the same outputs); with fewer, the rows are split evenly (smaller
+        batches, which may round differently in the last bits)."""
+        n = len(x)
+        batches = -(-n // batch_size)
+        per = -(-batches // self.count) * batch_size if batches >= self.count else -(-n // self.count)
+        lo, hi = min(n, self.index * per), min(n, (self.index + 1) * per)
+        step = min(batch_size, per)
+        before = getattr(sampler, "nfe", 0)
+        mine = [fn(x[i : min(i + step, hi)], list(keys[i : min(i + step, hi)])).detach().cpu() for i in range(lo, hi, step)]
+        spent = getattr(sampler, "nfe", 0) - before
+        parts = []
+        for p, (part, nfe) in enumerate(self.gather((mine, spent))):
+            parts += part
+            if run is not None and p != self.index:
+                run.remote_nfe += nfe
+        return torch.cat(parts).to(x.device)
+
+    def score(self, ensemble: Ensemble, images: torch.Tensor, prompt: str) -> tuple[dict, dict]:
+        "Returns the ensemble's score columns and details of `images`, each process scoring a contiguous share."
+        per = -(-len(images) // self.count)
+        lo, hi = min(len(images), self.index * per), min(len(images), (self.index + 1) * per)
+        mine = None
+        if hi > lo:
+            cols = ensemble.score(images[lo:hi], [prompt] * (hi - lo))
+            mine = ({k: v.detach().cpu() for k, v in cols.items()}, dict(ensemble.details), hi - lo)
+        parts = [p for p in self.gather(mine) if p is not None]
+        cols = {name: torch.cat([p[0][name] for p in parts]) for name in ensemble.names}
+        named = {name for p in parts for name in p[1]}
+        details = {name: [d for p in parts for d in p[1].get(name, [None] * p[2])] for name in named}
+        return cols, details
+
 # %% ../../nbs/searches/00_core.ipynb #6a1c0e07
 class Search:
     "The base of the searches: the loop over rounds, checkpoints and the final choice; subclasses give `begin` and `advance`."
@@ -396,7 +474,11 @@ class Search:
         """Returns `fn(x_batch, keys_batch)` over batches of `batch_size`, concatenated.
 
         With `run`, each finished batch is kept until its round is saved, so that Ctrl-C saves it and the resumed
-        round reuses it: a batch is reused only for the same input (by digest), and the NFEs it cost are counted once."""
+        round reuses it: a batch is reused only for the same input (by digest), and the NFEs it cost are counted once.
+        A run split across processes (`run.shard`) has each process compute its share of the batches, and all gather
+        the outputs: the same batches as one process computes, so the same result."""
+        if run is not None and run.shard is not None:
+            return run.shard.map(fn, x, keys, self.batch_size, run, self.sampler)
         if run is None or not run.keep:
             return torch.cat([fn(x[i : i + self.batch_size], list(keys[i : i + self.batch_size]))
                               for i in range(0, len(x), self.batch_size)])
@@ -418,6 +500,12 @@ class Search:
             outs.append(out)
         return torch.cat(outs)
 
+    def decode(self, run: Run, latents: torch.Tensor) -> torch.Tensor:
+        "Returns the sampler's images of `latents`; a run split across processes decodes its share on each."
+        if run.shard is None:
+            return self.sampler.decode(latents)
+        return run.shard.map(lambda xb, kb: self.sampler.decode(xb), latents, [0] * len(latents), self.batch_size)
+
     def sample(self, run: Run, x: torch.Tensor, chains, parents=None, keep_at: int | None = None, **info) -> list[int]:
         """Samples initial noises `x` fully (charged `K` NFEs each), scores and records them; returns their indices.
 
@@ -430,7 +518,7 @@ class Search:
         else:
             mid = self.batched(lambda xb, kb: self.sampler.denoise(xb, run.cond, 0, keep_at, seeds=kb), x, keys, run)
             latents = self.batched(lambda xb, kb: self.sampler.denoise(xb, run.cond, keep_at, seeds=kb), mid, keys, run)
-        idx = run.record.add(run, self.sampler.decode(latents), chains, self.steps, self.steps, parents, latents, **info)
+        idx = run.record.add(run, self.decode(run, latents), chains, self.steps, self.steps, parents, latents, **info)
         if keep_at is not None:
             run.kept.update({i: mid[k : k + 1].detach().cpu() for k, i in enumerate(idx)})  # as a checkpoint has them
         return idx
@@ -470,7 +558,7 @@ class Search:
         run.charge(len(x) * cost)
         keys = [noise_key(c) for c in chains]
         x0 = self.batched(lambda xb, kb: self.sampler.predict_x0(xb, run.cond, step, seeds=kb), x, keys, run)
-        idx = run.record.add(run, self.sampler.decode(x0), chains, step, cost, parents,
+        idx = run.record.add(run, self.decode(run, x0), chains, step, cost, parents,
                              x0 if step == self.steps else None, preview=step < self.steps, **info)
         return idx, x0
 
@@ -495,7 +583,7 @@ class Search:
         out = self.continue_from(run, x[list(ancestors)], x0[list(ancestors)], step, stop, chains, eta, fresh)
         parents = [idx[a] for a in ancestors]
         if stop == self.steps:
-            run.record.add(run, self.sampler.decode(out), chains, stop, stop - step - 1, parents, out)
+            run.record.add(run, self.decode(run, out), chains, stop, stop - step - 1, parents, out)
         return out, chains, parents
 
     def continue_from(self, run: Run, x: torch.Tensor, x0: torch.Tensor, step: int, stop: int, chains,
@@ -514,14 +602,18 @@ class Search:
     # --- the loop ---
     def run(self, prompt: str, budget: int, seed: int = 0, out: str | os.PathLike | None = None,
             progress: bool = False, callback: Callable | None = None, checker: Callable | None = None,
-            spec=None) -> SearchResult:
+            spec=None, shard=None) -> SearchResult:
         """Returns the result of searching for `prompt`'s best initial noise within `budget` NFEs.
 
         With `out`, every round is appended to that folder and a run found there resumes, if it was made by the same
         run (`spec`, a `RunSpec`, where given; else the search's settings, prompt, budget and seed): another is
         refused, naming each difference. `callback(search, run)` is called after every round; `checker(image,
         prompt)`, where given, reports the baseline's and the best's verdicts. The search object keeps nothing of
-        the run: one search can run prompt after prompt."""
+        the run: one search can run prompt after prompt.
+
+        Under `accelerate launch` (a `PartialState` of several processes; or `shard`, a `Shard`), every round's
+        batches are shared out across the processes and their outputs and scores gathered by all: the same result as
+        one process. Only the main process writes to `out` and shows progress."""
         check_prompt(prompt)
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < self.min_budget():
             raise BudgetError(f"{self.algo} search needs a budget of at least {self.min_budget()} NFEs "
@@ -531,10 +623,14 @@ class Search:
                               spec=spec.to_dict() if spec is not None else {})
         run = Run(prompt=prompt, seed=int(seed), budget=Budget(budget), spec=spec,
                   record=RunRecord(self.ensemble, result, self.steps))
+        run.shard = shard if shard is not None else Shard.current(getattr(self.sampler, "device", None))
+        writes = run.shard is None or run.shard.is_main
         store = CheckpointStore(out) if out is not None else None
-        run.keep = store is not None  # finished batches are kept only where Ctrl-C can save them
+        run.keep = store is not None and run.shard is None  # finished batches are kept only where Ctrl-C can save them
         saved = self._resume(store, run) if store is not None else 0
-        progress = watched() if progress is None else bool(progress)
+        if run.shard is not None:
+            run.shard.gather(None)  # every process has read the folder before the main one writes to it
+        progress = (watched() if progress is None else bool(progress)) and writes
         if saved or run.reuse:
             res = run.record.result
             res.report["resumed"] = {"candidates": saved, "nfe": run.budget.spent, "rounds": run.rounds,
@@ -555,7 +651,7 @@ class Search:
                 run.state = self.advance(run, run.state)
                 saved = self._round_done(store, run, saved, bar, callback)
         except KeyboardInterrupt:  # Ctrl-C: what was computed is kept, down to the finished batches of this round
-            if store is None:
+            if store is None or not writes:
                 raise Interrupted() from None
             res = run.record.result
             kept = {**run.reuse, **run.batches}  # kept ones not reached yet stay kept (their digests still decide)
@@ -571,15 +667,15 @@ class Search:
         if "resumed" in res.report:
             res.report["resumed"]["reused_batches"] = run.reused_batches  # those whose input was the same
         # the budget's account and the sampler's counter agree, NFE for NFE (reused batches were counted when made)
-        counted = self.sampler.nfe - nfe_start + run.reused_nfe
+        counted = self.sampler.nfe - nfe_start + run.reused_nfe + run.remote_nfe
         assert counted == res.nfe + res.baseline_nfe - run.extra_nfe, (counted, res.nfe, res.baseline_nfe)
-        if store is not None:
+        if store is not None and writes:
             res.save(out, candidate_images=False)  # the store wrote each candidate's image when it was made
         return res
 
     def _round_done(self, store, run: Run, saved: int, bar, callback) -> int:
         # saved first, then counted: a Ctrl-C while the round is written still keeps its batches
-        if store is not None:
+        if store is not None and (run.shard is None or run.shard.is_main):
             res = run.record.result
             store.append(res.candidates[saved:], saved)
             meta = {"settings": res.settings, "prompt": run.prompt, "candidates": len(res.candidates),

@@ -215,9 +215,9 @@ class PathSearch(Search):
         moved = self.batched(lambda xb, kb: self.sampler.denoise(xb, run.cond, b, j, seeds=kb), back, keys, run)
         if j < K:
             x0 = self.batched(lambda xb, kb: self.sampler.predict_x0(xb, run.cond, j, seeds=kb), moved, keys, run)
-            images = self.sampler.decode(x0)
+            images = self.decode(run, x0)
         else:
-            images = self.sampler.decode(moved)
+            images = self.decode(run, moved)
         idx = run.record.add(run, images, chains, j, cost_each, [state.parents[p] for p in parent],
                              moved if j == K else None, round=run.rounds)
         if j == K:

@@ -33,7 +33,8 @@ class RandomSearch(Search):
         return RandomState(left=run.budget.total // self.steps)
 
     def advance(self, run, state):
-        seeds, x = self.fresh_noise(run, min(self.batch_size, state.left))
+        per_round = self.batch_size * (run.shard.count if run.shard is not None else 1)  # a batch a process
+        seeds, x = self.fresh_noise(run, min(per_round, state.left))
         self.sample(run, x, [[s] for s in seeds])
         left = state.left - len(seeds)
         return RandomState(left) if left > 0 else None
