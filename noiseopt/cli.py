@@ -211,20 +211,22 @@ def _memory_options(args: argparse.Namespace) -> dict:
 
 def cmd_search(args: argparse.Namespace) -> int:
     "Runs a search and writes its images, plots and record into `--out`."
+    from noiseopt.searches.core import Shard
+
     spec = search_spec(args)
     out = Path(args.out) if args.out else spec.default_folder()
+    shard = Shard.current(args.device)  # under accelerate launch: one search, each process its share
     try:
         result = spec.run(out=out, progress=not args.quiet)
     except KeyboardInterrupt as e:  # the search saved what it had computed, and says what (`errors.Interrupted`)
+        if shard is not None and not shard.is_main:  # the main process says what was kept
+            return 130
         from noiseopt.searches.core import CheckpointStore
 
         kept = "" if CheckpointStore.saved_spec(out) is None else f": what {str(out)!r} holds stays there (run the " \
             "same command again to resume)"
         print(f"noiseopt: {e}" if str(e) else f"noiseopt: interrupted outside a search round{kept}", file=sys.stderr)
         return 130
-    from noiseopt.searches.core import Shard
-
-    shard = Shard.current(args.device)
     if shard is not None and not shard.is_main:  # under accelerate launch the main process writes and reports
         return 0
     import matplotlib.pyplot as plt

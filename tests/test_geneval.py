@@ -188,7 +188,7 @@ def test_the_detector_gives_instances_with_masks_the_images_size_and_their_boxes
 def test_mask_box_spans_the_masks_pixels():
     mask = np.zeros((10, 20), bool)
     mask[2:5, 7:12] = True
-    assert mask_box(mask) == (7.0, 2.0, 11.0, 4.0)
+    assert mask_box(mask) == (7.0, 2.0, 12.0, 5.0)  # as mmdetection boxes masks: one past the last pixel
     assert mask_box(np.zeros((4, 4), bool)) == (0.0, 0.0, 0.0, 0.0)
 
 

@@ -109,9 +109,14 @@ def geneval_bench(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("geneval-bench")
     judge = f"geneval:detector={save_tiny_mask2former(root / 'm2f')},colors={save_tiny_clip(root / 'clip')}"
     out = root / "bench"
-    summary = benchmark(out, tiny_model, "geneval", algos=["random", "zo"], budgets=[4, 8], categories="counting,colors",
-                        stride=100, limit=2, eval_verifiers=[judge], checker=judge, log=None, plot=False,
-                        export=("geneval", root / "export"))
+    from noiseopt.verifiers.geneval import Detection, GenEvalDetector
+
+    clocks = [Detection("clock", 0.95, (0, 0, 10, 10)), Detection("clock", 0.93, (20, 0, 30, 10))]
+    with pytest.MonkeyPatch.context() as mp:  # the tiny detector sees two clocks, whatever the image
+        mp.setattr(GenEvalDetector, "detect", lambda self, image: [Detection(d.label, d.score, d.box) for d in clocks])
+        summary = benchmark(out, tiny_model, "geneval", algos=["random", "zo"], budgets=[4, 8],
+                            categories="counting,colors", stride=100, limit=2, eval_verifiers=[judge], checker=judge,
+                            log=None, plot=False, export=("geneval", root / "export"))
     return out, root / "export", summary
 
 
@@ -119,9 +124,11 @@ def test_the_geneval_judge_is_checker_and_held_out_verifier(geneval_bench):
     out, _, summary = geneval_bench
     rows = read_results(out / "results.jsonl")
     assert [r["category"] for r in rows if r["algo"] == "random" and r["budget"] == 4] == ["counting", "colors"]
+    assert rows[0]["prompt"] == "a photo of two clocks"  # which the stand-in detector's two clocks satisfy
     for r in rows:
-        assert r["eval_best"]["geneval"] in (0.0, 1.0) and isinstance(r["checker_best"], bool)
-        assert r["eval_best"]["geneval"] == float(r["checker_best"])  # one judge, two uses, one verdict
+        want = r["prompt"] == "a photo of two clocks"  # the colours prompt asks for something else
+        assert r["checker_best"] is want and r["checker_baseline"] is want
+        assert r["eval_best"]["geneval"] == float(want)  # one judge, two uses, one verdict
     assert json.loads((out / "config.json").read_text())["checker"].startswith("geneval:detector=")
 
 
@@ -189,10 +196,37 @@ def test_the_t2i_compbench_export_reads_back_as_its_scripts_read_it(geneval_benc
     assert len(t2i_compbench_name("é" * 300, 0).encode()) <= 200 + len("_000000.png")
 
 
+def test_a_checker_that_gives_no_verdicts_is_refused_before_anything_loads(tiny_model, tmp_path, capsys):
+    from noiseopt.cli import main
+
+    status = main(["bench", "--model", tiny_model, "--prompts", "reference", "--checker", "aesthetic",
+                   "--algos", "random", "--budgets", "4", "--out", str(tmp_path / "b")])
+    assert status == 2 and "gives scores, not verdicts" in capsys.readouterr().err
+
+
+def test_a_folder_rerun_with_other_prompts_keeps_each_prompts_images_apart(tiny_model, tmp_path):
+    from noiseopt.benchmarks.run import benchmark
+
+    out = tmp_path / "bench"
+    for cats in ("counting", "colors"):  # prompt 0 is another prompt the second time
+        benchmark(out, tiny_model, "geneval", algos=["random"], budgets=[4], categories=cats, limit=1, checker="none",
+                  log=None, plot=False)
+    rows = read_results(out / "results.jsonl")
+    assert len(rows) == 2 and rows[0]["prompt_index"] == rows[1]["prompt_index"] == 0
+    assert rows[0]["image"] != rows[1]["image"] and rows[0]["baseline_image"] != rows[1]["baseline_image"]
+    made = export_images(out, "geneval", tmp_path / "export")
+    for run in ("random@4", "baseline"):
+        found = _read_geneval_layout(made[run])
+        assert sorted(m["prompt"] for m, _ in found) == sorted(r["prompt"] for r in rows)
+        for meta, image in found:
+            r = next(r for r in rows if r["prompt"] == meta["prompt"])
+            assert np.array_equal(_pixels(image), _pixels(out / r["image" if run != "baseline" else "baseline_image"]))
+
+
 def test_a_finished_folder_without_images_says_so(tmp_path):
     (tmp_path / "results.jsonl").write_text(json.dumps({"prompt_index": 0, "prompt": "a", "algo": "random",
                                                         "budget": 4}) + "\n")
-    with pytest.raises(ConfigError, match="holds no chosen images"):
+    with pytest.raises(ConfigError, match="holds 1 of 1 rows without their chosen image"):
         export_images(tmp_path, "t2i-compbench", tmp_path / "x")
 
 
@@ -246,3 +280,9 @@ def test_one_search_across_two_processes_gives_what_one_process_gives(tmp_path):
     assert len(lines) == len(two["candidates"])
     for name in ("best.png", "baseline.png"):
         assert np.array_equal(_pixels(tmp_path / "one" / name), _pixels(tmp_path / "two" / name))
+    # the same command again resumes the finished run in both processes, and writes nothing twice
+    again = _search(tmp_path / "two", ("accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+                                       "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "noiseopt"))
+    assert again["report"]["resumed"]["candidates"] == len(two["candidates"])
+    assert [c["seeds"] for c in again["candidates"]] == [c["seeds"] for c in two["candidates"]]
+    assert (tmp_path / "two" / "candidates.jsonl").read_text().splitlines() == lines

@@ -72,16 +72,20 @@ def export_images(bench: str | os.PathLike, fmt: str, out: str | os.PathLike, ro
     `out` as the official evaluator of `fmt` (`geneval` or `t2i-compbench`) reads them; returns each run's folder."""
     bench, out = Path(bench), Path(out)
     rows = read_results(bench / "results.jsonl") if rows is None else list(rows)
-    rows = [r for r in rows if r.get("image") and (bench / r["image"]).is_file()]
-    if not rows:
-        raise ConfigError(f"{str(bench)!r} holds no chosen images to export: run the benchmark (it writes them to "
-                          "images/) with this version of noiseopt")
+    rows = [r for r in rows if "skipped" not in r]
+    missing = [r for r in rows if not r.get("image") or not (bench / r["image"]).is_file()
+               or not (bench / r.get("baseline_image", "")).is_file()]
+    if missing or not rows:
+        raise ConfigError(f"{str(bench)!r} holds {len(missing)} of {len(rows)} rows without their chosen image or baseline "
+                          f"(e.g. {missing[0]['algo'] if missing else ''} at {missing[0]['budget'] if missing else ''} "
+                          "NFEs): an export of part of a run would be scored as the whole; run the benchmark again "
+                          "(it keeps its images in images/) into a new folder")
     check_export(fmt, [r["prompt"] for r in rows])
     rows = sorted(rows, key=lambda r: (r["prompt_index"], r["algo"], r["budget"]))
     runs: dict[str, list[tuple[str, Path]]] = {}
     for r in rows:
         runs.setdefault(Path(r["image"]).stem, []).append((r["prompt"], bench / r["image"]))
-    baselines = {r["prompt_index"]: (r["prompt"], bench / r["baseline_image"]) for r in rows}
+    baselines = {(r["prompt_index"], r["prompt"]): (r["prompt"], bench / r["baseline_image"]) for r in rows}
     runs["baseline"] = [baselines[k] for k in sorted(baselines)]
     write = _write_geneval if fmt == "geneval" else _write_t2i
     made = {}

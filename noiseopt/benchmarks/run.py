@@ -42,13 +42,18 @@ class _Judges:
     def __init__(self, eval_ensemble, check, folder: Path | None = None):
         self.eval_ensemble, self.check, self.folder = eval_ensemble, check, folder
 
-    def images(self, k: int, algo: str, budget: int, baseline, best) -> dict:
-        "Writes the row's chosen image and its baseline (once a prompt); returns their paths in the benchmark's folder."
+    def images(self, k: int, prompt: str, algo: str, budget: int, baseline, best) -> dict:
+        """Writes the row's chosen image and its baseline (once a prompt); returns their paths in the benchmark's folder.
+        A prompt's folder is named by its place and its text, as its rows are keyed: a rerun with other prompts in the
+        same folder never mixes their images."""
         if self.folder is None:
             return {}
+        import hashlib
+
         from noiseopt.core import _atomic_write, png_bytes
 
-        names = {"image": f"images/{k:05d}/{_image_name(algo, budget)}", "baseline_image": f"images/{k:05d}/baseline.png"}
+        sub = f"images/{k:05d}-{hashlib.sha1(prompt.encode()).hexdigest()[:8]}"
+        names = {"image": f"{sub}/{_image_name(algo, budget)}", "baseline_image": f"{sub}/baseline.png"}
         for key, cand in (("image", best), ("baseline_image", baseline)):
             path = self.folder / names[key]
             if key == "image" or not path.is_file():
@@ -77,7 +82,7 @@ def _row(k: int, prompt: str, algo: str, budget: int, seed: int, res, best: int,
             "verifier_calls": int(res.verifier_calls if calls is None else calls),
             "from_trajectory": from_trajectory, "baseline": base.scores, "best": chosen.scores,
             "best_seeds": chosen.seeds, "best_step": chosen.step, **judges.fields(base, chosen, prompt),
-            **judges.images(k, algo, budget, base, chosen)}
+            **judges.images(k, prompt, algo, budget, base, chosen)}
 
 
 def search_rows(make: Callable, k: int, prompt: str, algo: str, budgets: Sequence[int], seed: int, judges: _Judges,
@@ -128,12 +133,8 @@ def _checker(judge):
     "Returns a loaded judge's `check(image, prompt)`: the benchmark's ground truth."
     from noiseopt.runspec import loaded
 
-    check = getattr(judge, "check", None)
-    if not callable(check):
-        raise ConfigError(f"the checker {getattr(judge, 'name', judge)!r} has no check(image, prompt): use a judge "
-                          "that gives verdicts (geneval), or --checker none")
     loaded(judge)
-    return check
+    return judge.check
 
 
 def _process_state(device):
@@ -151,7 +152,7 @@ def _check_config(folder: Path, config: dict) -> None:
     if path.is_file():
         old = json.loads(path.read_text())
         if old != config:
-            diff = ", ".join(k for k in config if old.get(k) != config[k])
+            diff = ", ".join(k for k in dict.fromkeys([*config, *old]) if old.get(k) != config.get(k))
             raise ConfigError(f"{str(folder)!r} holds a benchmark made with other {diff}: use another --out, or "
                               "delete it to start again (prompts, algorithms and budgets may change; these may not)")
     else:
@@ -200,6 +201,10 @@ def benchmark(out: str | os.PathLike, model: str = "shapes", prompts: str | Sequ
     eval_loaders = verifier_loaders(entry, eval_verifiers)
     checker = pset.checker if checker is None else str(checker)
     check_loader = verifier_loaders(entry, [checker])[0] if checker and checker != "none" else None
+    judge = check_loader() if check_loader is not None else None  # made, not loaded: a verifier loads on first use
+    if judge is not None and not callable(getattr(judge, "check", None)):
+        raise ConfigError(f"the checker {checker!r} gives scores, not verdicts (it has no check(image, prompt)): use a "
+                          "judge (geneval), or --checker none")
     _accepts(entry, [*eval_verifiers, *([checker] if check_loader else [])], prompt_list)
     if export is not None:
         from noiseopt.benchmarks.export import check_export
@@ -229,7 +234,7 @@ def benchmark(out: str | os.PathLike, model: str = "shapes", prompts: str | Sequ
         sampler = entry.load_sampler()
         ens = Ensemble([loaded(load()) for load in search_loaders], method=ensemble)
         eval_ens = Ensemble([loaded(load()) for load in eval_loaders]) if eval_loaders else None
-        check = entry.check if checker is None else _checker(check_loader()) if check_loader else None
+        check = entry.check if checker is None else _checker(judge) if judge is not None else None
         judges = _Judges(eval_ens, check, folder)
         make = lambda algo: make_search(algo, sampler, ens)  # noqa: E731
         for n, (k, algo, left) in enumerate(todo):

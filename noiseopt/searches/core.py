@@ -302,8 +302,9 @@ class CheckpointStore:
         for name in (self.BATCHES, self.BATCH_TENSORS):
             (self.folder / name).unlink(missing_ok=True)
 
-    def load(self) -> tuple[dict, Any, list[Candidate]] | None:
-        "Returns `(meta, state, candidates)` saved here, or `None` if no run was saved."
+    def load(self, repair: bool = True) -> tuple[dict, Any, list[Candidate]] | None:
+        """Returns `(meta, state, candidates)` saved here, or `None` if no run was saved; with `repair`, cuts the
+        lines a killed round wrote after the saved state (a run split across processes has its main process alone do it)."""
         from safetensors.torch import load
 
         path = self.folder / self.STATE
@@ -323,6 +324,8 @@ class CheckpointStore:
         cands = [Candidate.from_dict(json.loads(line)) for line in lines]
         read_candidate_files(self.folder, cands)
         # lines a killed round wrote after this state are dropped, so the next round appends after candidate n
+        if not repair:
+            return meta, state, cands
         with open(self.folder / self.RECORDS, "wb") as f:
             f.write("".join(line + "\n" for line in lines).encode())
         return meta, state, cands
@@ -372,6 +375,8 @@ class Shard:
         batches (the batches one process makes, so the same outputs); with fewer, the rows are split evenly (smaller
         batches, which may round differently in the last bits)."""
         n = len(x)
+        if n == 0:
+            return fn(x, [])
         batches = -(-n // batch_size)
         per = -(-batches // self.count) * batch_size if batches >= self.count else -(-n // self.count)
         lo, hi = min(n, self.index * per), min(n, (self.index + 1) * per)
@@ -611,9 +616,10 @@ class Search:
         prompt)`, where given, reports the baseline's and the best's verdicts. The search object keeps nothing of
         the run: one search can run prompt after prompt.
 
-        Under `accelerate launch` (a `PartialState` of several processes; or `shard`, a `Shard`), every round's
-        batches are shared out across the processes and their outputs and scores gathered by all: the same result as
-        one process. Only the main process writes to `out` and shows progress."""
+        With `shard` (a `Shard`: `RunSpec.run`, `search_noise` and `noiseopt search` pass `Shard.current()` under
+        `accelerate launch`), every round's batches are shared out across the processes and their outputs and scores
+        gathered by all: the result one process gives. Only the main process writes to `out` and shows progress.
+        Without it, each process runs its own search (the benchmark shares prompts out that way)."""
         check_prompt(prompt)
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < self.min_budget():
             raise BudgetError(f"{self.algo} search needs a budget of at least {self.min_budget()} NFEs "
@@ -623,12 +629,17 @@ class Search:
                               spec=spec.to_dict() if spec is not None else {})
         run = Run(prompt=prompt, seed=int(seed), budget=Budget(budget), spec=spec,
                   record=RunRecord(self.ensemble, result, self.steps))
-        run.shard = shard if shard is not None else Shard.current(getattr(self.sampler, "device", None))
+        run.shard = shard if shard is not None and shard.count > 1 else None
         writes = run.shard is None or run.shard.is_main
         store = CheckpointStore(out) if out is not None else None
         run.keep = store is not None and run.shard is None  # finished batches are kept only where Ctrl-C can save them
+        if store is not None and run.shard is not None:  # the main process repairs the folder; then all read it
+            if run.shard.is_main:
+                store.load()
+            run.shard.gather(None)
         saved = self._resume(store, run) if store is not None else 0
         if run.shard is not None:
+            run.reuse = {}  # batches kept by a one-process Ctrl-C are not shared out: the round is recomputed
             run.shard.gather(None)  # every process has read the folder before the main one writes to it
         progress = (watched() if progress is None else bool(progress)) and writes
         if saved or run.reuse:
@@ -692,7 +703,7 @@ class Search:
         return len(run.record.candidates)
 
     def _resume(self, store: CheckpointStore, run: Run) -> int:
-        loaded = store.load()
+        loaded = store.load(repair=run.shard is None)
         if loaded is None:  # no finished round; maybe the finished batches of the first, if they are this run's
             kept = store.batches_meta()
             if kept and "prompt" not in kept:  # kept by a version that did not record the run: not reused

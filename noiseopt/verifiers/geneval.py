@@ -157,11 +157,12 @@ def geneval_classnames() -> list[str]:
 
 
 def mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
-    "Returns the box `(x1, y1, x2, y2)` of the pixels a boolean mask holds (end pixels included; all zeros for an empty mask)."
+    """Returns the box `(x1, y1, x2, y2)` of the pixels a boolean mask holds, as mmdetection derives Mask2Former's
+    boxes from its masks (`x2`, `y2` one past the last pixel; all zeros for an empty mask)."""
     ys, xs = np.nonzero(mask)
     if len(xs) == 0:
         return (0.0, 0.0, 0.0, 0.0)
-    return (float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max()))
+    return (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
 
 
 class GenEvalDetector:
@@ -208,7 +209,7 @@ class GenEvalDetector:
             mask = masks[k].cpu().numpy().astype(bool) if masks is not None and masks.ndim == 3 else None
             label = int(info["label_id"])
             name = self.classnames[label] if label < len(self.classnames) else str(label)
-            box = mask_box(mask) if mask is not None else (0.0, 0.0, float(pil.size[0] - 1), float(pil.size[1] - 1))
+            box = mask_box(mask) if mask is not None else (0.0, 0.0, float(pil.size[0]), float(pil.size[1]))
             found.append(Detection(name, float(info["score"]), box, mask))
         return sorted(found, key=lambda d: -d.score)
 
