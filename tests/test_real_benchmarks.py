@@ -202,6 +202,7 @@ def test_a_checker_that_gives_no_verdicts_is_refused_before_anything_loads(tiny_
     status = main(["bench", "--model", tiny_model, "--prompts", "reference", "--checker", "aesthetic",
                    "--algos", "random", "--budgets", "4", "--out", str(tmp_path / "b")])
     assert status == 2 and "gives scores, not verdicts" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()  # refused before the folder, let alone a model
 
 
 def test_a_folder_rerun_with_other_prompts_keeps_each_prompts_images_apart(tiny_model, tmp_path):
@@ -221,6 +222,11 @@ def test_a_folder_rerun_with_other_prompts_keeps_each_prompts_images_apart(tiny_
         for meta, image in found:
             r = next(r for r in rows if r["prompt"] == meta["prompt"])
             assert np.array_equal(_pixels(image), _pixels(out / r["image" if run != "baseline" else "baseline_image"]))
+    (out / rows[1]["image"]).unlink()  # a finished row without its image: --export refuses before running anything
+    with pytest.raises(ConfigError, match="1 finished rows of this benchmark without their images"):
+        benchmark(out, tiny_model, "geneval", algos=["random"], budgets=[4, 8], categories="colors", limit=1,
+                  checker="none", log=None, plot=False, export=("geneval", tmp_path / "x"))
+    assert not any(r["budget"] == 8 for r in read_results(out / "results.jsonl"))
 
 
 def test_a_finished_folder_without_images_says_so(tmp_path):
@@ -280,7 +286,10 @@ def test_one_search_across_two_processes_gives_what_one_process_gives(tmp_path):
     assert len(lines) == len(two["candidates"])
     for name in ("best.png", "baseline.png"):
         assert np.array_equal(_pixels(tmp_path / "one" / name), _pixels(tmp_path / "two" / name))
-    # the same command again resumes the finished run in both processes, and writes nothing twice
+    # the same command again resumes the finished run in both processes, and writes nothing twice; a line a killed
+    # round wrote after the saved state is cut (by the main process alone)
+    with open(tmp_path / "two" / "candidates.jsonl", "a") as f:
+        f.write(lines[-1] + "\n")
     again = _search(tmp_path / "two", ("accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
                                        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "noiseopt"))
     assert again["report"]["resumed"]["candidates"] == len(two["candidates"])

@@ -69,7 +69,9 @@ def _write_t2i(folder: Path, items: Sequence[tuple[str, Path]]) -> None:
 def export_images(bench: str | os.PathLike, fmt: str, out: str | os.PathLike, rows: Sequence[dict] | None = None
                   ) -> dict[str, Path]:
     """Lays out a benchmark's chosen images (one run per search and budget) and its baselines (`baseline`) in folder
-    `out` as the official evaluator of `fmt` (`geneval` or `t2i-compbench`) reads them; returns each run's folder."""
+    `out` as the official evaluator of `fmt` (`geneval` or `t2i-compbench`) reads them; returns each run's folder.
+    By default every row of its `results.jsonl` is exported (those of earlier calls with other prompts too);
+    `benchmark(..., export=...)` passes the rows of its own call."""
     bench, out = Path(bench), Path(out)
     rows = read_results(bench / "results.jsonl") if rows is None else list(rows)
     rows = [r for r in rows if "skipped" not in r]

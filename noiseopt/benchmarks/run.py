@@ -37,7 +37,7 @@ def _image_name(algo: str, budget: int) -> str:
 
 class _Judges:
     """What a benchmark row reports of a chosen image besides the search's own scores: held-out verifiers and the
-    checker; with `folder`, the chosen image and the baseline are written to `folder/images/<prompt index>/`."""
+    checker; with `folder`, the chosen image and the baseline are written to `folder/images/<prompt index>-<text hash>/`."""
 
     def __init__(self, eval_ensemble, check, folder: Path | None = None):
         self.eval_ensemble, self.check, self.folder = eval_ensemble, check, folder
@@ -223,6 +223,14 @@ def benchmark(out: str | os.PathLike, model: str = "shapes", prompts: str | Sequ
         _repair(results)
     state.wait_for_everyone()
     done = {row_key(r) for r in read_results(results)}
+    if export is not None:  # rows of this call made before images were kept cannot be exported: say so before running
+        keep = {(k, p) for k, p in enumerate(prompt_list)}
+        old = [r for r in read_results(results) if "skipped" not in r and (r["prompt_index"], r["prompt"]) in keep
+               and r["algo"] in algos and r["budget"] in budgets and not (folder / r.get("image", "-")).is_file()]
+        if old:
+            raise ConfigError(f"{str(folder)!r} holds {len(old)} finished rows of this benchmark without their images "
+                              "(made by an older noiseopt, or deleted): --export needs every chosen image; run into a "
+                              "new --out")
 
     mine = [k for k in range(state.process_index, len(prompt_list), state.num_processes)]
     todo = [(k, a, [b for b in budgets if (k, prompt_list[k], a, b) not in done]) for k in mine for a in algos]

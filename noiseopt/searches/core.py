@@ -633,10 +633,16 @@ class Search:
         writes = run.shard is None or run.shard.is_main
         store = CheckpointStore(out) if out is not None else None
         run.keep = store is not None and run.shard is None  # finished batches are kept only where Ctrl-C can save them
-        if store is not None and run.shard is not None:  # the main process repairs the folder; then all read it
-            if run.shard.is_main:
-                store.load()
-            run.shard.gather(None)
+        if run.shard is not None:  # the main process repairs the folder; then all read it (or all raise its error)
+            failed = None
+            if run.shard.is_main and store is not None:
+                try:
+                    store.load()
+                except Exception as e:  # an unreadable folder: every process stops with the same error
+                    failed = e
+            errors = [e for e in run.shard.gather(failed) if e is not None]
+            if errors:
+                raise errors[0]
         saved = self._resume(store, run) if store is not None else 0
         if run.shard is not None:
             run.reuse = {}  # batches kept by a one-process Ctrl-C are not shared out: the round is recomputed
