@@ -5,7 +5,6 @@
 # %% ../../nbs/verifiers/07_geneval.ipynb #ge000002
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, ModelNotFoundError
-from ..prompts import geneval_metadata, prompt_set, prompts_dir
+from ..prompts import geneval_metadata, prompts_dir
 from .core import _Lazy, _check_images, _to_pil
 
 # %% auto #0
