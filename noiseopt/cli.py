@@ -185,12 +185,11 @@ def search_spec(args: argparse.Namespace):
     "Returns the `RunSpec` of `noiseopt search`'s arguments: every name and option checked, nothing loaded."
     from noiseopt.runspec import RunSpec
 
-    verifiers = split_specs(args.verifiers) if args.verifiers else None
     gpt = {k: getattr(args, f"gpt_{k}") for k in _GPT_OPTIONS if getattr(args, f"gpt_{k}") is not None}
-    if gpt and not any(parse_spec(v)[0] == "gpt" for v in verifiers or []):
-        raise NoiseoptError(f"--gpt-* options were given but 'gpt' is not among --verifiers: add it, "
-                            f"e.g. --verifiers clip,gpt")
-    return RunSpec.from_args(args.prompt, model=args.model, verifiers=verifiers,
+    if gpt and not any(parse_spec(v)[0] == "gpt" for v in split_specs(args.verifiers or "")):
+        raise NoiseoptError("--gpt-* options were given but 'gpt' is not among --verifiers: add it, "
+                            "e.g. --verifiers clip,gpt")
+    return RunSpec.from_args(args.prompt, model=args.model, verifiers=args.verifiers or None,
                              weights=_floats(args.weights, "--weights"), verifier_options={"gpt": gpt} if gpt else None,
                              ensemble=args.ensemble, algo=args.algo, budget=args.budget, seed=args.seed,
                              steps=args.steps, guidance=args.guidance, batch_size=args.batch_size, device=args.device,

@@ -17,9 +17,9 @@ from typing import Any, Callable, Sequence
 from .core import SearchResult, get_dtype
 from .ensemble import Ensemble
 from .errors import BudgetError, ConfigError, SchedulerError, UnsupportedModelError, whole_number
-from .registry import SEARCHES, check_options, factory_options, parse_spec, spec_text
+from .registry import SEARCHES, check_options, factory_options, parse_spec, spec_text, split_specs
 from .samplers import check_prompt
-from .searches.core import CheckpointStore, another_run, make_search
+from .searches.core import CheckpointStore, SpecRecord, another_run, make_search, spec_differences
 
 
 # %% auto #0
@@ -156,8 +156,9 @@ class RunSpec:
 
         Defaults are made explicit where they can be known without loading: a registered model's steps, guidance,
         scheduler and dtype (`"auto"` as the device makes it: float16 on a GPU, float32 on the CPU), its
-        verifiers, the budget (8 samples' worth). `model_options` may hold the how-options `offload`,
-        `vae_tiling` and `vae_slicing` and any other option of the model."""
+        verifiers, the budget (8 samples' worth). `verifiers` are specs or objects, or one text of comma-separated
+        specs as on the command line (`"clip:scale=3,aesthetic"`). `model_options` may hold the how-options
+        `offload`, `vae_tiling` and `vae_slicing` and any other option of the model."""
         from noiseopt.registry import MODELS, VERIFIERS
         from noiseopt.samplers import ModelEntry, model_entry
 
@@ -201,6 +202,8 @@ class RunSpec:
                                                         ("width", width), ("batch_size", batch_size), ("device", device))
                                       if v is not None}, **how, **model_options) if isinstance(model, str) else None
         # verifiers: the model's own choice made explicit, options merged and put in one canonical order
+        if isinstance(verifiers, str):  # one text of comma-separated specs, as on the command line
+            verifiers = split_specs(verifiers)
         names = list(verifiers) if verifiers is not None else list(entry.default_verifiers if entry else ())
         if not names:
             raise ConfigError("no verifier given: name at least one, e.g. verifiers=['clip']")
@@ -299,8 +302,11 @@ class RunSpec:
 
     def differences(self, recorded: dict) -> list[str]:
         "Returns one line per field of `what()` whose value differs from the `recorded` one: its name and both values."
-        now = self.what()
-        return [f"{k}: {recorded.get(k)!r} in the folder, {now[k]!r} now" for k in self.WHAT if recorded.get(k) != now[k]]
+        return spec_differences(self.what(), recorded)
+
+    def record(self) -> SpecRecord:
+        "Returns what a search records of this spec and compares on resume: `what()` and `to_dict()`, computed once."
+        return SpecRecord(self.what(), self.to_dict())
 
     # --- building and running ---
     def entry(self):
@@ -379,7 +385,7 @@ class RunSpec:
         sampler, _, search = spec.build(entry)
         budget = spec.budget if spec.budget is not None else 8 * sampler.num_steps
         return search.run(spec.prompt, budget, seed=spec.seed, out=out, progress=progress, callback=callback,
-                          checker=entry.check if entry is not None else None, spec=spec, shard=shard)
+                          checker=entry.check if entry is not None else None, spec=spec.record(), shard=shard)
 
 # %% ../nbs/06_runspec.ipynb #934e13e4
 def verifier_loaders(entry, verifiers: Sequence, options: dict[str, dict] | None = None, device=None) -> list[Callable[[], Any]]:

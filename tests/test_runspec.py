@@ -295,3 +295,41 @@ def test_hub_models_default_to_the_reference_ensemble():
     flux, pixart = RunSpec.from_args("a cat", model="flux-dev"), RunSpec.from_args("a cat", model="pixart-sigma")
     assert (flux.steps, flux.guidance, pixart.steps, pixart.guidance) == (30, 3.5, 30, 4.5)  # the reference settings
     assert model_entry("shapes").default_verifiers == ("clip", "aesthetic")  # the shapes world keeps its own
+
+
+def test_verifiers_as_one_text_give_the_spec_a_list_gives():
+    assert spec(verifiers="clip:scale=3,aesthetic") == spec(verifiers=["clip:scale=3", "aesthetic"])
+    with pytest.raises(ConfigError, match="no verifier given"):
+        spec(verifiers="")
+
+
+def test_a_search_given_a_spec_searches_for_the_specs_prompt_and_records_it(tmp_path):
+    from noiseopt.searches.core import SpecRecord, make_search
+
+    s = RunSpec.from_args("a cat", model=ToySampler(), verifiers=[Red()], budget=16)
+    search = make_search("random", ToySampler(), [Red()])
+    with pytest.raises(ConfigError, match="the spec is of the prompt 'a cat', not 'a dog'"):
+        search.run("a dog", 16, spec=s)
+    record = s.record()
+    assert isinstance(record, SpecRecord) and record.what == s.what() and record.full == s.to_dict()
+    res = search.run("a cat", 16, spec=s, out=tmp_path / "run")  # a RunSpec or its record: the same run
+    assert res.spec == s.to_dict()
+    again = search.run("a cat", 16, spec=record, out=tmp_path / "run")
+    assert again.to_dict()["candidates"] == res.to_dict()["candidates"]
+
+
+def test_the_walk_of_the_search_commands_arguments_takes_at_most_12_moves_and_3_climbs():
+    """`.ci/walk_search.py` traces `noiseopt search`'s arguments from the command line to result.json (its docstring
+    says how moves and climbs are counted); issue 22 asked for at most 12 moves, 3 of them back up a layer."""
+    import re
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(root / ".ci" / "walk_search.py")], capture_output=True, text=True,
+                         cwd=root, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    found = re.search(r"exit 0; the walk of the arguments to result.json: (\d+) moves, of which (\d+) climbs", out.stdout)
+    assert found, out.stdout[-3000:]
+    moves, climbs = int(found[1]), int(found[2])
+    assert 5 <= moves <= 12 and climbs <= 3, out.stdout  # 5: the walk reaches the model, the search and result.json
+    assert "cli (L8) -> runspec (L6).RunSpec.from_args" in out.stdout

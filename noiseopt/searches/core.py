@@ -26,8 +26,9 @@ from ..registry import SEARCHES, factory_options
 from ..samplers import check_prompt, require_restartable
 
 # %% auto #0
-__all__ = ['derive_seed', 'noise_key', 'Run', 'RunRecord', 'search_state', 'state_to_json', 'state_from_json', 'another_run',
-           'CheckpointStore', 'Shard', 'Search', 'watched', 'step_from_x0', 'make_search']
+__all__ = ['derive_seed', 'noise_key', 'spec_differences', 'SpecRecord', 'Run', 'RunRecord', 'search_state', 'state_to_json',
+           'state_from_json', 'another_run', 'CheckpointStore', 'Shard', 'Search', 'watched', 'step_from_x0',
+           'make_search']
 
 # %% ../../nbs/searches/00_core.ipynb #52c9c38a
 def derive_seed(seed: int, k: int) -> int:
@@ -45,17 +46,36 @@ def noise_key(chain: Sequence[int]) -> int:
     return int(chain[0])
 
 
+def spec_differences(now: dict, recorded: dict) -> list[str]:
+    "Returns one line per field of `now` (a spec's `what()`) whose value differs from the `recorded` one, with both."
+    return [f"{k}: {recorded.get(k)!r} in the folder, {v!r} now" for k, v in now.items() if recorded.get(k) != v]
+
+
+@dataclass(frozen=True)
+class SpecRecord:
+    """What a run was made from, as a search records and compares it: `what`, the fields that define the result
+    (`RunSpec.what()`, what its fingerprint hashes), and `full`, every field with the how-settings under `how`
+    (`RunSpec.to_dict()`). `RunSpec.record()` makes it, so a search reads a spec's record without calling back up
+    into the layer that made it."""
+    what: dict
+    full: dict
+
+    def differences(self, recorded: dict) -> list[str]:
+        "Returns one line per defining field whose value differs from the `recorded` one (a folder's `what`)."
+        return spec_differences(self.what, recorded)
+
+
 @dataclass
 class Run:
     """One run of a search: everything that changes while it runs, so that a search object holds only its settings.
 
     The prompt, the seed counter, the budget, the round count, the search's state between rounds, the record of
-    its candidates and, where the run was made from one, its `RunSpec`."""
+    its candidates and, where the run was made from one, its `RunSpec`'s record (`SpecRecord`)."""
     prompt: str
     seed: int
     budget: Budget
     record: Any = None  # the RunRecord of its candidates
-    spec: Any = None  # the RunSpec it was made from, if any: recorded in the result and checked on resume
+    spec: SpecRecord | None = None  # the record of the RunSpec it was made from: in the result, checked on resume
     counter: int = 0
     rounds: int = 0
     state: Any = None
@@ -611,8 +631,9 @@ class Search:
         """Returns the result of searching for `prompt`'s best initial noise within `budget` NFEs.
 
         With `out`, every round is appended to that folder and a run found there resumes, if it was made by the same
-        run (`spec`, a `RunSpec`, where given; else the search's settings, prompt, budget and seed): another is
-        refused, naming each difference. `callback(search, run)` is called after every round; `checker(image,
+        run (`spec`, a `RunSpec` or its `SpecRecord`, where given; else the search's settings, prompt, budget and
+        seed): another is refused, naming each difference. A spec checked the prompt when it was made: `prompt` must
+        be the spec's. `callback(search, run)` is called after every round; `checker(image,
         prompt)`, where given, reports the baseline's and the best's verdicts. The search object keeps nothing of
         the run: one search can run prompt after prompt.
 
@@ -620,13 +641,19 @@ class Search:
         `accelerate launch`), every round's batches are shared out across the processes and their outputs and scores
         gathered by all: the result one process gives. Only the main process writes to `out` and shows progress.
         Without it, each process runs its own search (the benchmark shares prompts out that way)."""
-        check_prompt(prompt)
+        if spec is not None:
+            spec = spec.record() if callable(getattr(spec, "record", None)) else spec  # a RunSpec: its record
+            if spec.what.get("prompt") != prompt:  # the spec checked its own prompt: a run searches for that one
+                raise ConfigError(f"the spec is of the prompt {spec.what.get('prompt')!r}, not {prompt!r}: pass the "
+                                  "spec's prompt, or make a spec for this one")
+        else:
+            check_prompt(prompt)
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < self.min_budget():
             raise BudgetError(f"{self.algo} search needs a budget of at least {self.min_budget()} NFEs "
                               f"({self.steps} per full sample), got {budget!r}")
         settings = {**self.settings(), "budget": int(budget), "seed": int(seed)}
         result = SearchResult(prompt=prompt, algo=self.algo, settings=settings,
-                              spec=spec.to_dict() if spec is not None else {})
+                              spec=spec.full if spec is not None else {})
         run = Run(prompt=prompt, seed=int(seed), budget=Budget(budget), spec=spec,
                   record=RunRecord(self.ensemble, result, self.steps))
         run.shard = shard if shard is not None and shard.count > 1 else None
@@ -673,7 +700,7 @@ class Search:
             res = run.record.result
             kept = {**run.reuse, **run.batches}  # kept ones not reached yet stay kept (their digests still decide)
             store.save_batches(run.rounds, kept, {"prompt": run.prompt, "settings": res.settings,
-                                                  "spec": run.spec.what() if run.spec is not None else None})
+                                                  "spec": run.spec.what if run.spec is not None else None})
             on_disk = CheckpointStore.saved_meta(store.folder)  # what the folder holds, whatever the stop interrupted
             raise Interrupted(store.folder, int(on_disk.get("candidates", 0)), int(on_disk.get("spent", 0)),
                               run.budget.total, len(kept)) from None
@@ -699,7 +726,7 @@ class Search:
                     "spent": run.budget.spent, "cap": run.budget.cap, "counter": run.counter, "rounds": run.rounds + 1,
                     "extra_nfe": run.extra_nfe, "baseline_index": res.baseline_index, "baseline_nfe": res.baseline_nfe,
                     "wall_time": time.perf_counter() - run.t0,
-                    "spec": run.spec.what() if run.spec is not None else None}
+                    "spec": run.spec.what if run.spec is not None else None}
             store.save_state(meta, run.state)
         run.rounds += 1
         run.batches, run.reuse, run.calls = {}, {}, 0  # the round is whole: its batches need no keeping
