@@ -1,34 +1,40 @@
 #!/usr/bin/env python
 """The walk of `noiseopt search`'s arguments from the command line to result.json, measured (issue 22).
 
-Rule. `noiseopt search PROMPT --algo zo --guidance 3.5 --verifiers clip:scale=3,aesthetic --budget 300 --out DIR` runs in this process under a tracer.
+Rule. `noiseopt search PROMPT --algo zo:lam=0.9 --guidance 3.5 --verifiers clip:scale=3,aesthetic --steps 10
+--budget 300 --seed 7 --device cpu --out DIR` runs in this process (the working tree's noiseopt) under a tracer.
 The arguments are followed by identity: the parsed `Namespace`, the `RunSpec` made from it (the class, for
-`from_args`, and its instances, with the values of its fields), the spec's record (`SpecRecord`) and each value given on the command line (fresh
-objects, so that no other value shares their identity). A call is on the walk when one of its arguments (`self`
-included) is one of them. The walk is the wiring: it follows the arguments until the model first computes on one,
-the prompt's conditioning (the Sampler protocol's `condition`, where the prompt meets the text encoder): from there
-the objects the arguments were turned into are at work (the prompt reaching the text encoder and the verifiers is
-the search, not its wiring), and the walk follows only the spec and its record, to the write of result.json,
-which ends it. (Following the prompt into the text encoder too adds two moves: searches.core -> samplers'
-`condition`, samplers -> models.core's `encode`.)
+`from_args`, and its instances, with the values of its fields), the spec's record (`SpecRecord`) and each value
+given on the command line: the strings as given (fresh objects), the numbers argparse made of them (an integer is
+put back into the `Namespace` as an `int` subclass, so that a small one, which Python shares, can be told apart;
+`int()` of it is a plain int, which is followed no further). A call is on the walk when one of its arguments
+(`self` included) is one of them, or a tuple, list or dict holding one.
 
 A move is a module calling a function of another module on the walk; the same two modules in the same direction
 count once, however many functions or times. A climb is a move into a module of a higher layer, by the
 architecture notebook's table (an object or callback handed down and called back, since no import goes up).
 
-Usage: python .ci/walk_search.py   (prints the moves in the order first made, then the counts)"""
+Two counts are printed:
+- the wiring: the walk until the model first computes on an argument, the prompt's conditioning (the Sampler
+  protocol's `condition`); after it only the spec and its record are followed, to the write of result.json;
+- the whole walk: every argument followed to the write of result.json, the prompt into the text encoder, the
+  verifiers and the checker included.
+
+Usage: python .ci/walk_search.py   (prints the moves in the order first made, then the two counts)"""
 import argparse
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from test_architecture import layer_table  # the architecture notebook's layer table
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+from test_architecture import layer_table  # noqa: E402  the architecture notebook's layer table
 
-import noiseopt
-from noiseopt.cli import main
-from noiseopt.runspec import RunSpec
-from noiseopt.searches.core import SpecRecord
+import noiseopt  # noqa: E402
+from noiseopt.cli import main  # noqa: E402
+from noiseopt.runspec import RunSpec  # noqa: E402
+from noiseopt.searches.core import SpecRecord  # noqa: E402
 
 ROOT = str(Path(noiseopt.__file__).parent) + "/"
 table = layer_table()
@@ -47,31 +53,40 @@ def module_of(code) -> str:
     return m
 
 
-fresh = lambda text: "".join(list(text))  # noqa: E731  a new str object, not the interned literal
-argv = ["search", fresh("a red circle left of a blue square"), "--algo", fresh("zo"), "--guidance", fresh("3.5"),
-        "--verifiers", fresh("clip:scale=3,aesthetic"),
-        "--budget", fresh("300"), "--out", str(Path(tempfile.mkdtemp()) / "run"), "--quiet"]
-values = {id(a): a for a in argv[1:]}  # and what argparse makes of them, added when the Namespace is first seen
+class Given(int):
+    "An integer given on the command line: equal to it, told apart from it by identity."
 
 
-def carried(frame) -> bool:
-    "Whether the call of `frame` receives one of the arguments."
+fresh = lambda text: "".join(list(text))  # noqa: E731  a new str object, not an interned literal
+tmp = Path(tempfile.mkdtemp())
+argv = ["search", fresh("a red circle left of a blue square"), "--algo", fresh("zo:lam=0.9"), "--guidance",
+        fresh("3.5"), "--verifiers", fresh("clip:scale=3,aesthetic"), "--steps", fresh("10"), "--budget", fresh("300"),
+        "--seed", fresh("7"), "--device", fresh("cpu"), "--out", str(tmp / "run"), "--quiet"]
+values = {id(a): a for a in argv[1:] if not a.startswith("--")}
+trackable = lambda x: isinstance(x, (str, float, Given)) or (  # noqa: E731
+    isinstance(x, int) and not isinstance(x, bool) and abs(x) > 256)
+namespaces, specs = set(), set()
+
+
+def carried(frame, wiring: bool) -> bool:
+    "Whether the call of `frame` receives one of the arguments (after the wiring: the Namespace, the spec, its record)."
     code, loc = frame.f_code, frame.f_locals
     n = code.co_argcount + code.co_kwonlyargcount + bool(code.co_flags & 4) + bool(code.co_flags & 8)
-    wiring = not ended_wiring
     for name in code.co_varnames[:n]:
         v = loc.get(name)
         if isinstance(v, argparse.Namespace):
-            # what argparse made of the given values: the numbers it parsed (new objects; the strings are the given ones)
-            values.update({id(x): x for x in vars(v).values() if isinstance(x, float) or
-                           (isinstance(x, int) and not isinstance(x, bool) and abs(x) > 256)})
+            if id(v) not in namespaces:  # what argparse made of the given values
+                namespaces.add(id(v))
+                for key, x in vars(v).items():
+                    if isinstance(x, int) and not isinstance(x, bool) and f"--{key.replace('_', '-')}" in argv:
+                        setattr(v, key, x := Given(x))
+                    if isinstance(x, float) or isinstance(x, Given):
+                        values[id(x)] = x
             return True
         if isinstance(v, RunSpec) and id(v) not in specs:  # its fields are the arguments too, defaults made explicit
             specs.add(id(v))
             for x in (getattr(v, k) for k in RunSpec.WHAT):
-                for y in (x if isinstance(x, tuple) else (x,)):
-                    if isinstance(y, (str, float)) or (isinstance(y, int) and not isinstance(y, bool) and abs(y) > 256):
-                        values[id(y)] = y
+                values.update({id(y): y for y in (x if isinstance(x, tuple) else (x,)) if trackable(y)})
         if v is RunSpec or isinstance(v, (RunSpec, SpecRecord)):
             return True
         if wiring:
@@ -81,7 +96,24 @@ def carried(frame) -> bool:
     return False
 
 
-stack, moves, ended_wiring, ended, specs = [], {}, [], [], set()
+class Walk:
+    "The moves of one reading of the walk: `wiring` stops following values at the prompt's conditioning."
+
+    def __init__(self, wiring: bool):
+        self.wiring, self.wired, self.moves = wiring, False, {}
+
+    def see(self, caller, callee, fn, frame):
+        if fn.split(".")[-1] == "condition":  # the model's first computation on an argument
+            self.wired = True
+        on_walk = fn == "SearchResult.save" or carried(frame, not (self.wiring and self.wired))
+        if on_walk and caller and caller != callee and (caller, callee) not in self.moves:
+            self.moves[(caller, callee)] = fn
+
+    def climbs(self):
+        return [(a, b) for a, b in self.moves if table.get(b, -1) > table.get(a, 99)]
+
+
+walks, stack, ended = (Walk(wiring=True), Walk(wiring=False)), [], []
 
 
 def tracer(frame, event, arg):
@@ -93,13 +125,9 @@ def tracer(frame, event, arg):
     frame.f_trace_lines = False
     fn = frame.f_code.co_qualname
     caller = stack[-1] if stack else None
-    if fn.split(".")[-1] == "condition":  # the model's first computation on an argument: the wiring is done
-        ended_wiring.append(fn)
-    done = callee == "core" and fn == "SearchResult.save"
-    on_walk = done or carried(frame)  # asked of every call: a call within one module may be the first to see a value
-    if on_walk and caller and caller != callee and (caller, callee) not in moves:
-        moves[(caller, callee)] = fn
-    if done:
+    for walk in walks:  # each asks of every call: a call within one module may be the first to see a value
+        walk.see(caller, callee, fn, frame)
+    if callee == "core" and fn == "SearchResult.save":  # result.json is written: the walk ends
         ended.append(fn)
         return None
     stack.append(callee)
@@ -116,9 +144,13 @@ try:
     code = main(argv)
 finally:
     sys.settrace(None)
+    shutil.rmtree(tmp, ignore_errors=True)
 if not ended:
     raise SystemExit("result.json was never written: the search failed before it")
-climbs = [(a, b) for a, b in moves if table.get(b, -1) > table.get(a, 99)]
-for (a, b), fn in moves.items():
-    print(f"  {a} (L{table.get(a)}) -> {b} (L{table.get(b)}).{fn}{'   CLIMB' if (a, b) in climbs else ''}")
-print(f"exit {code}; the walk of the arguments to result.json: {len(moves)} moves, of which {len(climbs)} climbs")
+wiring, whole = walks
+for (a, b), fn in whole.moves.items():
+    print(f"  {a} (L{table.get(a)}) -> {b} (L{table.get(b)}).{fn}{'   CLIMB' if (a, b) in whole.climbs() else ''}"
+          f"{'' if (a, b) in wiring.moves else '   (after the wiring)'}")
+print(f"exit {code}; the wiring of the arguments: {len(wiring.moves)} moves, of which {len(wiring.climbs())} climbs")
+print(f"exit {code}; the whole walk of the arguments to result.json: {len(whole.moves)} moves, "
+      f"of which {len(whole.climbs())} climbs")

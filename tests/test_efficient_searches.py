@@ -244,3 +244,26 @@ def test_nfes_to_match_reads_random_searchs_curve():
     cell = summarize(rows, "t")["match"]["prune"][50]["search/v"]
     assert cell["flag"] == "" and 1.5 < cell["factor"] < 2.5
     assert curve_match([25, 100], [1.0, math.nan], 0.5) == (pytest.approx(math.nan, nan_ok=True), "n/a")
+
+
+@pytest.mark.parametrize("algo", ["paths:paths=2,per_path=2", "both:paths=2,per_path=2,neighbors=2", "zo:neighbors=2",
+                                  "random"])
+def test_a_resumed_run_reports_what_the_uninterrupted_one_reports(tmp_path, algo):
+    """The plan a search made in its first round (`report["plan"]`: path search's paths and copies) and what it says of
+    its unspent NFEs come back on resume, though `begin` is not called again: the report equals the uninterrupted one."""
+    from noiseopt.errors import Interrupted
+
+    s = ToySampler(num_steps=10, batch_size=4)
+    ens = Ensemble([Bright(), Red()])
+    full = make_search(algo, s, ens).run("a cat", 205, seed=5, out=tmp_path / "full")
+    assert full.report.get("plan") or algo.startswith(("zo", "random"))
+
+    def halt(search, run):  # stopped after the first round that recorded candidates (random's first only plans)
+        if run.record.candidates:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):
+        make_search(algo, s, ens).run("a cat", 205, seed=5, out=tmp_path / "stopped", callback=halt)
+    res = make_search(algo, s, ens).run("a cat", 205, seed=5, out=tmp_path / "stopped")
+    assert 1 <= res.report.pop("resumed")["rounds"] <= 2
+    assert res.report == full.report and res.to_dict()["candidates"] == full.to_dict()["candidates"]

@@ -632,8 +632,7 @@ class Search:
 
         With `out`, every round is appended to that folder and a run found there resumes, if it was made by the same
         run (`spec`, a `RunSpec` or its `SpecRecord`, where given; else the search's settings, prompt, budget and
-        seed): another is refused, naming each difference. A spec checked the prompt when it was made: `prompt` must
-        be the spec's. `callback(search, run)` is called after every round; `checker(image,
+        seed): another is refused, naming each difference. With a spec, `prompt` must be the spec's. `callback(search, run)` is called after every round; `checker(image,
         prompt)`, where given, reports the baseline's and the best's verdicts. The search object keeps nothing of
         the run: one search can run prompt after prompt.
 
@@ -641,19 +640,18 @@ class Search:
         `accelerate launch`), every round's batches are shared out across the processes and their outputs and scores
         gathered by all: the result one process gives. Only the main process writes to `out` and shows progress.
         Without it, each process runs its own search (the benchmark shares prompts out that way)."""
+        check_prompt(prompt)
         if spec is not None:
             spec = spec.record() if callable(getattr(spec, "record", None)) else spec  # a RunSpec: its record
-            if spec.what.get("prompt") != prompt:  # the spec checked its own prompt: a run searches for that one
+            if spec.what.get("prompt") != prompt:  # a run records the spec it was made from: that spec's prompt
                 raise ConfigError(f"the spec is of the prompt {spec.what.get('prompt')!r}, not {prompt!r}: pass the "
                                   "spec's prompt, or make a spec for this one")
-        else:
-            check_prompt(prompt)
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < self.min_budget():
             raise BudgetError(f"{self.algo} search needs a budget of at least {self.min_budget()} NFEs "
                               f"({self.steps} per full sample), got {budget!r}")
         settings = {**self.settings(), "budget": int(budget), "seed": int(seed)}
         result = SearchResult(prompt=prompt, algo=self.algo, settings=settings,
-                              spec=spec.full if spec is not None else {})
+                              spec=json.loads(json.dumps(spec.full)) if spec is not None else {})  # its own copy
         run = Run(prompt=prompt, seed=int(seed), budget=Budget(budget), spec=spec,
                   record=RunRecord(self.ensemble, result, self.steps))
         run.shard = shard if shard is not None and shard.count > 1 else None
@@ -726,7 +724,8 @@ class Search:
                     "spent": run.budget.spent, "cap": run.budget.cap, "counter": run.counter, "rounds": run.rounds + 1,
                     "extra_nfe": run.extra_nfe, "baseline_index": res.baseline_index, "baseline_nfe": res.baseline_nfe,
                     "wall_time": time.perf_counter() - run.t0,
-                    "spec": run.spec.what if run.spec is not None else None}
+                    "spec": run.spec.what if run.spec is not None else None,
+                    "report": json.loads(json.dumps(res.report, default=str))}  # the plan a search made, what it said
             store.save_state(meta, run.state)
         run.rounds += 1
         run.batches, run.reuse, run.calls = {}, {}, 0  # the round is whole: its batches need no keeping
@@ -753,6 +752,7 @@ class Search:
         if differ:
             raise another_run(store.folder, differ)
         res.candidates, res.baseline_index, res.baseline_nfe = cands, meta["baseline_index"], meta["baseline_nfe"]
+        res.report.update(meta.get("report", {}))  # what `begin` wrote (a search's plan): it is not called again
         run.budget = Budget(run.budget.total, meta["spent"], meta["cap"])
         run.counter, run.rounds, run.extra_nfe, run.state = meta["counter"], meta["rounds"], meta["extra_nfe"], state
         run.t0 = time.perf_counter() - meta["wall_time"]
