@@ -10,13 +10,18 @@ put back into the `Namespace` as an `int` subclass, so that a small one, which P
 `int()` of it is a plain int, which is followed no further). A call is on the walk when one of its arguments
 (`self` included) is one of them, or a tuple, list or dict holding one.
 
+Identity can only add moves, never hide one: the spec's defaults are often interned strings (`"shapes"`, `"rank"`),
+which other calls may receive too. A call is seen only where Python runs a function of a noiseopt file (a
+dataclass's generated `__init__` is not), and only on the main thread.
+
 A move is a module calling a function of another module on the walk; the same two modules in the same direction
 count once, however many functions or times. A climb is a move into a module of a higher layer, by the
 architecture notebook's table (an object or callback handed down and called back, since no import goes up).
 
 Two counts are printed:
-- the wiring: the walk until the model first computes on an argument, the prompt's conditioning (the Sampler
-  protocol's `condition`); after it only the spec and its record are followed, to the write of result.json;
+- the wiring: the walk until the model first computes on an argument, the prompt's conditioning (the first call
+  of a function named `condition`: the Sampler protocol's); after it only the `Namespace`, the spec and its record
+  are followed, to the write of result.json;
 - the whole walk: every argument followed to the write of result.json, the prompt into the text encoder, the
   verifiers and the checker included.
 
@@ -147,6 +152,9 @@ finally:
     shutil.rmtree(tmp, ignore_errors=True)
 if not ended:
     raise SystemExit("result.json was never written: the search failed before it")
+unplaced = sorted({m for walk in walks for move in walk.moves for m in move if m not in table})
+if unplaced:  # a module the architecture notebook's table does not place could hide a climb
+    raise SystemExit(f"modules on the walk without a layer in the architecture notebook's table: {unplaced}")
 wiring, whole = walks
 for (a, b), fn in whole.moves.items():
     print(f"  {a} (L{table.get(a)}) -> {b} (L{table.get(b)}).{fn}{'   CLIMB' if (a, b) in whole.climbs() else ''}"

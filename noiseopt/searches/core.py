@@ -55,8 +55,8 @@ def spec_differences(now: dict, recorded: dict) -> list[str]:
 class SpecRecord:
     """What a run was made from, as a search records and compares it: `what`, the fields that define the result
     (`RunSpec.what()`, what its fingerprint hashes), and `full`, every field with the how-settings under `how`
-    (`RunSpec.to_dict()`). `RunSpec.record()` makes it, so a search reads a spec's record without calling back up
-    into the layer that made it."""
+    (`RunSpec.to_dict()`). `RunSpec.record()` makes it and `RunSpec.run` hands it down, so that the search layer
+    reads a spec's record without calling back up into the layer that made it."""
     what: dict
     full: dict
 
@@ -632,9 +632,10 @@ class Search:
 
         With `out`, every round is appended to that folder and a run found there resumes, if it was made by the same
         run (`spec`, a `RunSpec` or its `SpecRecord`, where given; else the search's settings, prompt, budget and
-        seed): another is refused, naming each difference. With a spec, `prompt` must be the spec's. `callback(search, run)` is called after every round; `checker(image,
-        prompt)`, where given, reports the baseline's and the best's verdicts. The search object keeps nothing of
-        the run: one search can run prompt after prompt.
+        seed): another is refused, naming each difference. With a spec, `prompt` must be the spec's.
+        `callback(search, run)` is called after every round; `checker(image, prompt)`, where given, reports the
+        baseline's and the best's verdicts. The search object keeps nothing of the run: one search can run prompt
+        after prompt.
 
         With `shard` (a `Shard`: `RunSpec.run`, `search_noise` and `noiseopt search` pass `Shard.current()` under
         `accelerate launch`), every round's batches are shared out across the processes and their outputs and scores
@@ -643,6 +644,8 @@ class Search:
         check_prompt(prompt)
         if spec is not None:
             spec = spec.record() if callable(getattr(spec, "record", None)) else spec  # a RunSpec: its record
+            if not isinstance(getattr(spec, "what", None), dict) or not isinstance(getattr(spec, "full", None), dict):
+                raise ConfigError(f"spec is a RunSpec or its SpecRecord (RunSpec.record()), got {type(spec).__name__}")
             if spec.what.get("prompt") != prompt:  # a run records the spec it was made from: that spec's prompt
                 raise ConfigError(f"the spec is of the prompt {spec.what.get('prompt')!r}, not {prompt!r}: pass the "
                                   "spec's prompt, or make a spec for this one")
@@ -651,7 +654,7 @@ class Search:
                               f"({self.steps} per full sample), got {budget!r}")
         settings = {**self.settings(), "budget": int(budget), "seed": int(seed)}
         result = SearchResult(prompt=prompt, algo=self.algo, settings=settings,
-                              spec=json.loads(json.dumps(spec.full)) if spec is not None else {})  # its own copy
+                              spec=json.loads(json.dumps(spec.full, default=str)) if spec is not None else {})
         run = Run(prompt=prompt, seed=int(seed), budget=Budget(budget), spec=spec,
                   record=RunRecord(self.ensemble, result, self.steps))
         run.shard = shard if shard is not None and shard.count > 1 else None
