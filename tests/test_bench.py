@@ -132,3 +132,35 @@ def test_a_stopped_benchmark_resumes_to_the_same_file(one_process, tmp_path):
     assert stderr.count("bench[0]:") < 2 * 3  # what was done was not done again
     for name in ("results.jsonl", "table.md", "table.csv"):
         assert (tmp_path / name).read_bytes() == (one_process / name).read_bytes(), name
+
+
+def test_a_set_with_categories_gets_a_table_by_category():
+    "GenEval's figure is per tag: the checker's share of passes per category, next to the one over all prompts."
+    tags = ["single_object", "counting", "colors"]
+    passes = {"random": {0, 1, 3}, "zo": {0, 3, 4, 5}}  # zo: single_object 2/2, counting 1/2, colors 1/2
+    rows = [_row(k, algo, 50, category=tags[k % 3], nfe=50, num_steps=25, baseline={"v": 0.0}, best={"v": 1.0},
+                 eval_baseline={"h": float(k)}, eval_best={"h": float(k + 1)}, checker_baseline=k in (0, 4),
+                 checker_best=k in passes[algo])
+            for k in range(6) for algo in ("random", "zo")]
+    rows += [_row(k, "zo", 25, category=tags[k % 3], skipped="zo needs 50", min_budget=50) for k in range(6)]
+    s = summarize(rows, "t")
+    cat = s["by_category"]
+    assert cat["metric"]["kind"] == "checker" and cat["categories"] == tags
+    assert {t: st["mean"] for t, st in cat["baseline"].items()} == {"single_object": 0.5, "counting": 0.5, "colors": 0.0}
+    assert [(p["algo"], p["budget"]) for p in cat["points"]] == [("random", 50), ("zo", 50)]  # the skipped budget: none
+    zo = cat["points"][1]["stats"]
+    assert [zo[t]["mean"] for t in tags] == [1.0, 0.5, 0.5] and cat["points"][1]["all"]["mean"] == 4 / 6
+    table = format_table(s)
+    assert "#### by category: checker accuracy\n\n| method | NFEs | single_object | counting | colors | all |" in table
+    assert "| random noise (1 sample) | 25 | 50% [9, 91] | 50% [9, 91] | 0% [0, 66] | 33% [10, 70] |" in table
+    assert "| v + random | 50 | 100% [34, 100] | 50% [9, 91] | 0% [0, 66] | 50% [19, 81] |" in table
+    assert "| v + zero-order | 50 | 100% [34, 100] | 50% [9, 91] | 50% [9, 91] | 67% [30, 90] |" in table
+    # "all" is over the prompts with a category, where a resumed folder also holds rows written without one
+    mixed = summarize(rows + [{k: v for k, v in r.items() if k != "category"} | {"prompt_index": r["prompt_index"] + 6}
+                              for r in rows if "skipped" not in r], "t")
+    assert mixed["by_category"]["baseline_all"]["mean"] == 2 / 6 and mixed["baseline"]["checker"]["mean"] == 4 / 12
+    # without a checker, the first held-out verifier; with one category, or none, no such table
+    no_checker = [{k: v for k, v in r.items() if not k.startswith("checker")} for r in rows]
+    assert summarize(no_checker, "t")["by_category"]["metric"]["key"] == "eval/h"
+    for same in ([{**r, "category": "colors"} for r in rows], [{k: v for k, v in r.items() if k != "category"} for r in rows]):
+        assert "by_category" not in summarize(same, "t") and "by category" not in format_table(summarize(same, "t"))

@@ -15,8 +15,8 @@ from .data import _flag, _order
 
 
 # %% auto #0
-__all__ = ['t975', 'mean_ci', 'rate_ci', 'summarize', 'method_label', 'format_table', 'table_csv', 'curve_match', 'nfes_to_match',
-           'format_match']
+__all__ = ['t975', 'mean_ci', 'rate_ci', 'summarize', 'method_label', 'format_table', 'table_csv', 'by_category',
+           'format_by_category', 'curve_match', 'nfes_to_match', 'format_match']
 
 # %% ../../nbs/benchmarks/01_tables.ipynb #52444534
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -108,6 +108,9 @@ def summarize(rows: Sequence[dict], title: str = "") -> dict:
             points.append(point)
         summary["algos"][a] = {"points": points, "from_trajectory": any(r.get("from_trajectory") for r in mine)}
     summary["labels"] = {a: method_label(a, summary) for a in algos}  # the rows' names, for tables and curves alike
+    categories = by_category(done, summary)
+    if categories is not None:
+        summary["by_category"] = categories
     if "random" in algos and len(algos) > 1:
         summary["match"] = nfes_to_match(done)
     return summary
@@ -157,6 +160,8 @@ def format_table(summary: dict) -> str:
             calls = "-" if p.get("verifier_calls") is None else f"{p['verifier_calls']:.0f}"
             lines.append(f"| {method_label(a, summary)} | {p['nfe']:.0f} | {p['nfe'] if total is None else total:.0f} | "
                          f"{calls} | {p['n']} | " + " | ".join(_cell(p[m["key"]], m["kind"]) for m in ms) + " |")
+    if summary.get("by_category"):
+        lines += ["", format_by_category(summary)]
     if summary.get("match"):
         lines += ["", format_match(summary)]
     return "\n".join(lines) + "\n"
@@ -184,6 +189,45 @@ def table_csv(summary: dict) -> str:
                 w.writerow([b, method_label(a, summary), a, f"{p['nfe']:.1f}", f"{p['nfe'] if total is None else total:.1f}", p["n"]] +
                            [f"{p[m['key']][x]:.6g}" for m in ms for x in ("mean", "lo", "hi")])
     return buf.getvalue()
+
+# %% ../../nbs/benchmarks/01_tables.ipynb #cb6d00b5
+def by_category(rows: Sequence[dict], summary: dict) -> dict | None:
+    """Returns one metric per prompt category (see above) where the rows' prompts fall in two categories or more:
+    `{"metric", "categories", "baseline": {category: stat}, "baseline_all", "points": [{"algo", "budget", "stats",
+    "all"}]}`, else `None`; `*all` is over the prompts that have a category (a folder resumed from rows written
+    without one holds others). Categories keep the order of their first prompt; a search and budget every row of
+    which was skipped has no point."""
+    done = sorted((r for r in rows if "skipped" not in r and r.get("category")), key=lambda r: r["prompt_index"])
+    categories = list(dict.fromkeys(r["category"] for r in done))
+    ms = summary["metrics"]
+    if len(categories) < 2 or not ms:
+        return None
+    metric = next((m for kind in ("checker", "eval", "search") for m in ms if m["kind"] == kind))
+    baselines = {}
+    for r in done:
+        baselines.setdefault(r["prompt_index"], r)
+    per = lambda rs, which: {c: _stat([r for r in rs if r["category"] == c], metric, which) for c in categories}  # noqa: E731
+    points = [{"algo": a, "budget": b, "stats": per(at, "best"), "all": _stat(at, metric, "best")}
+              for a in summary["algos"] for b in summary["budgets"]
+              if (at := [r for r in done if r["algo"] == a and r["budget"] == b])]
+    return {"metric": metric, "categories": categories, "baseline": per(baselines.values(), "baseline"),
+            "baseline_all": _stat(list(baselines.values()), metric, "baseline"), "points": points}
+
+
+def format_by_category(summary: dict) -> str:
+    "Returns `summary['by_category']` as a markdown table: a line per method and budget, a column per category."
+    cat, K = summary["by_category"], summary["num_steps"]
+    m = cat["metric"]
+    head = ["method", "NFEs", *cat["categories"], "all"]
+    lines = [f"#### by category: {m['label']}", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head),
+             f"| random noise (1 sample) | {K} | " + " | ".join(_cell(cat["baseline"][c], m["kind"]) for c in cat["categories"])
+             + f" | {_cell(cat['baseline_all'], m['kind'])} |"]
+    for p in cat["points"]:
+        overall = next(q for q in summary["algos"][p["algo"]]["points"] if q["budget"] == p["budget"])
+        lines.append(f"| {summary['labels'][p['algo']]} | {overall['nfe']:.0f} | "
+                     + " | ".join(_cell(p["stats"][c], m["kind"]) for c in cat["categories"])
+                     + f" | {_cell(p['all'], m['kind'])} |")
+    return "\n".join(lines)
 
 # %% ../../nbs/benchmarks/01_tables.ipynb #b5548396
 def curve_match(budgets: Sequence[float], values: Sequence[float], target: float) -> tuple[float, str]:
