@@ -223,10 +223,11 @@ def benchmark(out: str | os.PathLike, model: str = "shapes", prompts: str | Sequ
         _repair(results)
     state.wait_for_everyone()
     done = {row_key(r) for r in read_results(results)}
+    keep = {(k, p) for k, p in enumerate(prompt_list)}
+    ours = lambda rows: [r for r in rows if (r["prompt_index"], r["prompt"]) in keep  # noqa: E731
+                         and r["algo"] in algos and r["budget"] in budgets]  # this call's rows, of all the folder holds
     if export is not None:  # rows of this call made before images were kept cannot be exported: say so before running
-        keep = {(k, p) for k, p in enumerate(prompt_list)}
-        old = [r for r in read_results(results) if "skipped" not in r and (r["prompt_index"], r["prompt"]) in keep
-               and r["algo"] in algos and r["budget"] in budgets and not (folder / r.get("image", "-")).is_file()]
+        old = [r for r in ours(read_results(results)) if "skipped" not in r and not (folder / r.get("image", "-")).is_file()]
         if old:
             raise ConfigError(f"{str(folder)!r} holds {len(old)} finished rows of this benchmark without their images "
                               "(made by an older noiseopt, or deleted): --export needs every chosen image; run into a "
@@ -267,8 +268,7 @@ def benchmark(out: str | os.PathLike, model: str = "shapes", prompts: str | Sequ
     if not state.is_main_process:
         return None
     rows = _finalize(results)
-    keep = {(k, p) for k, p in enumerate(prompt_list)}
-    rows = [r for r in rows if (r["prompt_index"], r["prompt"]) in keep and r["algo"] in algos and r["budget"] in budgets]
+    rows = ours(rows)
     summary = summarize(rows, title=f"{model}, {name}: {len(prompt_list)} prompts, seeds {seed}..{seed + len(prompt_list) - 1}")
     (folder / "table.md").write_text(format_table(summary), encoding="utf-8")
     (folder / "table.csv").write_text(table_csv(summary), encoding="utf-8")
@@ -367,7 +367,6 @@ def steps_curve(steps=(25, 50, 100, 200, 400, 800), prompts=None, samples: int =
     """Returns the more-steps curve: the same noises denoised with each step count, as the more-steps baseline
     does (`sampler.with_steps(n)`), scored by the checker (pass rate, Wilson interval) and the two verifiers (mean,
     Student's t interval). Prompts are batched together, `batch` samples a call."""
-    import numpy as np
     import torch
 
     from noiseopt.models.core import Conditioning
